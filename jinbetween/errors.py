@@ -1,0 +1,42 @@
+"""User-facing exceptions. Each message names the problem and the fix; the CLI prints it without a traceback."""
+
+
+class JinbetweenError(Exception):
+    """Base class of every error a user can act on."""
+
+
+class ConfigError(JinbetweenError, ValueError):
+    """A model config has an unsupported value or an unknown field."""
+
+
+class InputShapeError(JinbetweenError, ValueError):
+    """An array handed to a model has the wrong shape."""
+
+
+class WeightsNotFoundError(JinbetweenError, FileNotFoundError):
+    """A weights folder or file is missing or is not in a format we read."""
+
+
+class PickleRefusedError(JinbetweenError):
+    """Only pickled (.bin/.pt) weights were found and pickle loading was not allowed."""
+
+
+class CorruptWeightsError(JinbetweenError):
+    """A weights file cannot be parsed (truncated download, wrong format)."""
+
+
+class KeyMismatchError(JinbetweenError):
+    """Source tensors and model parameters do not correspond one to one."""
+
+    def __init__(self, message: str, missing: list[str], unexpected: list[str]):
+        super().__init__(message)
+        self.missing = missing
+        self.unexpected = unexpected
+
+
+class ShapeMismatchError(JinbetweenError):
+    """A source tensor has a shape that the model config does not expect."""
+
+    def __init__(self, message: str, mismatches: list[tuple[str, tuple, tuple]]):
+        super().__init__(message)
+        self.mismatches = mismatches

@@ -1,0 +1,150 @@
+"""Primitive layers shared by the UNet, VAE and image encoder, channels-last.
+
+Normalizations accumulate in float32 with a two-pass variance (never E[x²]−E[x]²) and take their
+epsilon explicitly: Flax's defaults differ from PyTorch's. GELU is the exact erf form.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+class GroupNorm(nnx.Module):
+    """torch.nn.GroupNorm on channels-last input: statistics per row of axis 0 and per channel group.
+
+    On `[N, H, W, C]` the statistics are per image; on `[B, F, H, W, C]` they span all frames of a
+    video, as PyTorch does for a 5-D `[B, C, F, H, W]` tensor.
+    """
+
+    def __init__(self, num_channels: int, *, num_groups: int = 32, eps: float, rngs: nnx.Rngs):
+        del rngs
+        self.num_groups = num_groups
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((num_channels,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_channels,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
+        axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
+        mean = grouped.mean(axes, keepdims=True)
+        centered = grouped - mean
+        var = jnp.square(centered).mean(axes, keepdims=True)
+        y = (centered * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """torch.nn.LayerNorm over the last axis, float32 statistics."""
+
+    def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs):
+        del rngs
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        centered = x32 - x32.mean(-1, keepdims=True)
+        var = jnp.square(centered).mean(-1, keepdims=True)
+        y = centered * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def sincos_embedding(t: jax.Array, dim: int) -> jax.Array:
+    """Returns `[*t.shape, dim]` float32 `[cos | sin]` features (diffusers Timesteps, flip_sin_to_cos, shift 0)."""
+    half = dim // 2
+    exponent = -math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half
+    args = t.astype(jnp.float32)[..., None] * jnp.exp(exponent)
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, [(0, 0)] * (emb.ndim - 1) + [(0, 1)])
+    return emb
+
+
+class TimestepEmbedding(nnx.Module):
+    """Linear → SiLU → Linear (`linear_1`, `linear_2`)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int | None = None, *, rngs: nnx.Rngs):
+        self.linear_1 = nnx.Linear(in_dim, hidden_dim, rngs=rngs)
+        self.linear_2 = nnx.Linear(hidden_dim, out_dim or hidden_dim, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+class GEGLU(nnx.Module):
+    """Linear to 2·inner, split as [value | gate], value · gelu_erf(gate)."""
+
+    def __init__(self, dim: int, inner_dim: int, *, rngs: nnx.Rngs):
+        self.proj = nnx.Linear(dim, 2 * inner_dim, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        value, gate = jnp.split(self.proj(x), 2, axis=-1)
+        return value * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nnx.Module):
+    """diffusers FeedForward with GEGLU: `net.0` (GEGLU), `net.1` (dropout, no parameters), `net.2` (Linear)."""
+
+    def __init__(self, dim: int, out_dim: int | None = None, *, mult: int = 4, rngs: nnx.Rngs):
+        inner = dim * mult
+        self.net = nnx.List([GEGLU(dim, inner, rngs=rngs), None, nnx.Linear(inner, out_dim or dim, rngs=rngs)])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.net[2](self.net[0](x))
+
+
+def conv2d(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, padding: int | None = None,
+           rngs: nnx.Rngs) -> nnx.Conv:
+    """A 2-D convolution with explicit symmetric padding (kernel // 2 unless given), like torch.nn.Conv2d."""
+    pad = kernel // 2 if padding is None else padding
+    return nnx.Conv(in_ch, out_ch, kernel_size=(kernel, kernel), strides=stride,
+                    padding=((pad, pad), (pad, pad)), rngs=rngs)
+
+
+def temporal_conv(in_ch: int, out_ch: int, *, rngs: nnx.Rngs) -> nnx.Conv:
+    """torch Conv3d with kernel (3,1,1), padding (1,0,0): a conv along frames of `[B, F, H, W, C]`."""
+    return nnx.Conv(in_ch, out_ch, kernel_size=(3, 1, 1), padding=((1, 1), (0, 0), (0, 0)), rngs=rngs)
+
+
+class Downsample2D(nnx.Module):
+    """3×3 stride-2 conv (`conv`). `padding=1` pads every side (UNet); `padding=0` pads right/bottom by one (VAE)."""
+
+    def __init__(self, channels: int, *, padding: int = 1, rngs: nnx.Rngs):
+        self.padding = padding
+        self.conv = conv2d(channels, channels, 3, stride=2, padding=padding, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.padding == 0:
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return self.conv(x)
+
+
+def nearest_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Returns `[N, *size, C]`, nearest neighbour with torch's index rule src = floor(dst · in/out) (float32)."""
+    out = x
+    for axis, (n_in, n_out) in zip((1, 2), zip(x.shape[1:3], size)):
+        if n_out == 2 * n_in:
+            out = jnp.repeat(out, 2, axis=axis)
+        elif n_out != n_in:
+            scale = np.float32(n_in) / np.float32(n_out)
+            src = np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64), n_in - 1)
+            out = jnp.take(out, src, axis=axis)
+    return out
+
+
+class Upsample2D(nnx.Module):
+    """Nearest 2× (or to an explicit size) then a 3×3 conv (`conv`)."""
+
+    def __init__(self, channels: int, *, rngs: nnx.Rngs):
+        self.conv = conv2d(channels, channels, 3, rngs=rngs)
+
+    def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
+        size = size or (2 * x.shape[1], 2 * x.shape[2])
+        return self.conv(nearest_resize(x, size))

@@ -1,0 +1,14 @@
+"""Test settings: float32 matmuls at full precision (parity), hypothesis without deadlines (jit compiles)."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+settings.register_profile("jinbetween", deadline=None, max_examples=25,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("jinbetween")
