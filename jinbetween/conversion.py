@@ -17,7 +17,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,9 @@ from jinbetween.checkpoint import restore_tree, save_tree
 from jinbetween.config import UNetConfig
 from jinbetween.errors import (CorruptWeightsError, KeyMismatchError, PickleRefusedError, ShapeMismatchError,
                                WeightsNotFoundError)
+
+if TYPE_CHECKING:
+    from jinbetween.models.unet import UNet
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
@@ -123,7 +122,8 @@ def test_pickled_weights_need_explicit_permission(reference, unet_folder, tmp_pa
     assert not list(pickled.glob("*.safetensors"))
     with pytest.raises(PickleRefusedError, match="--allow-pickle"):
         UNet.from_pretrained(pickled)
-    allowed, safe = params_of(UNet.from_pretrained(pickled, allow_pickle=True)), params_of(UNet.from_pretrained(unet_folder))
+    allowed = params_of(UNet.from_pretrained(pickled, allow_pickle=True))
+    safe = params_of(UNet.from_pretrained(unet_folder))
     for path in safe:
         np.testing.assert_array_equal(allowed[path], safe[path])
 

@@ -38,10 +38,12 @@ def diffusers_unet(config: UNetConfig, seed: int = 0):
 
 def torch_unet_forward(unet, x, c_noise, image_embeds, added_time_ids) -> np.ndarray:
     """Runs diffusers on channels-last numpy inputs; returns v as `[B, F, h, w, C]` numpy."""
+    device = next(unet.parameters()).device
+    x, c_noise, image_embeds, added_time_ids = (torch.from_numpy(np.array(a)).to(device)
+                                                for a in (x, c_noise, image_embeds, added_time_ids))
     with torch.no_grad():
-        out = unet(torch.from_numpy(np.asarray(x)).permute(0, 1, 4, 2, 3), torch.from_numpy(np.asarray(c_noise)),
-                   torch.from_numpy(np.asarray(image_embeds)), torch.from_numpy(np.asarray(added_time_ids))).sample
-    return out.permute(0, 1, 3, 4, 2).numpy()
+        out = unet(x.permute(0, 1, 4, 2, 3), c_noise, image_embeds, added_time_ids).sample
+    return out.permute(0, 1, 3, 4, 2).cpu().numpy()
 
 
 def state_dict_numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -58,7 +60,7 @@ class CaptureProcessor:
         n, f, _ = hidden_states.shape
         q, k, v = (attn.head_to_batch_dim(proj(hidden_states)) for proj in (attn.to_q, attn.to_k, attn.to_v))
         probs = attn.get_attention_scores(q, k, None)
-        self.store[self.name] = probs.reshape(n, attn.heads, f, f).numpy()
+        self.store[self.name] = probs.reshape(n, attn.heads, f, f).cpu().numpy()
         return attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, v)))
 
 
@@ -71,7 +73,8 @@ class InjectProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         n, f, _ = hidden_states.shape
         v = attn.head_to_batch_dim(attn.to_v(hidden_states))
-        return attn.to_out[0](attn.batch_to_head_dim(torch.bmm(self.probs.reshape(-1, f, f), v)))
+        probs = self.probs.to(v.device).reshape(-1, f, f)
+        return attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, v)))
 
 
 @contextlib.contextmanager
