@@ -121,13 +121,7 @@ class UNetConfig:
 
     def to_diffusers(self) -> dict[str, Any]:
         """Returns the diffusers `config.json` dict (architecture fields only)."""
-        out = {"_class_name": "UNetSpatioTemporalConditionModel"}
-        for f in dataclasses.fields(self):
-            if f.name in ("attention_impl", "cross_attention_shortcut"):
-                continue
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
+        return _to_dict(self, "UNetSpatioTemporalConditionModel", ("attention_impl", "cross_attention_shortcut"))
 
 
 def _per_block(name: str, value: Any, n: int) -> tuple[int, ...]:
@@ -164,3 +158,153 @@ def tiny() -> UNetConfig:
         num_frames=4,
         sample_size=8,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """`AutoencoderKLTemporalDecoder` hyper-parameters (diffusers names) plus the attention kernel switch.
+
+    The mid-block attentions have one head of width `block_out_channels[-1]` (512 for SVD), beyond
+    cuDNN's head-dim limit, so "auto" means XLA (query-chunked) here.
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",) * 4
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    sample_size: int = 768
+    scaling_factor: float = 0.18215
+    force_upcast: bool = True
+    attention_impl: str = "auto"
+
+    def __post_init__(self):
+        if len(self.down_block_types) != len(self.block_out_channels):
+            raise ConfigError(f"VAEConfig has {len(self.down_block_types)} down_block_types but "
+                              f"{len(self.block_out_channels)} block_out_channels; give one per level.")
+        bad = [t for t in self.down_block_types if t != "DownEncoderBlock2D"]
+        if bad:
+            raise ConfigError(f"Unsupported VAE down block type(s) {bad}; jinbetween implements DownEncoderBlock2D.")
+        for c in self.block_out_channels:
+            if c % GROUPNORM_GROUPS:
+                raise ConfigError(f"VAE block_out_channels entry {c} is not divisible by the {GROUPNORM_GROUPS} "
+                                  "GroupNorm groups; use multiples of 32.")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}.")
+
+    @property
+    def downsample_factor(self) -> int:
+        """Pixels per latent along each side (8 for SVD)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def replace(self, **changes: Any) -> "VAEConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_diffusers(cls, config: Mapping[str, Any], **runtime: Any) -> "VAEConfig":
+        """Returns the config of a diffusers `vae/config.json` dict; unknown fields raise ConfigError."""
+        class_name = config.get("_class_name", "AutoencoderKLTemporalDecoder")
+        if class_name != "AutoencoderKLTemporalDecoder":
+            raise ConfigError(f"config.json describes a {class_name}, not an AutoencoderKLTemporalDecoder; "
+                              "point at the `vae/` folder of an SVD pipeline.")
+        return cls(**_known_fields(cls, config, "VAE", ("attention_impl",)), **runtime)
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """Returns the diffusers `config.json` dict (architecture fields only)."""
+        return _to_dict(self, "AutoencoderKLTemporalDecoder", ("attention_impl",))
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageEncoderConfig:
+    """transformers `CLIPVisionConfig` fields that shape the computation (OpenCLIP ViT-H/14 for SVD).
+
+    Only these fields are read from a transformers config.json; its many generic fields (dtype,
+    return_dict, id2label, ...) do not change the forward pass and are ignored.
+    """
+
+    hidden_size: int = 1280
+    intermediate_size: int = 5120
+    projection_dim: int = 1024
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 14
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-5
+    attention_impl: str = "auto"
+
+    def __post_init__(self):
+        if self.hidden_act not in ("gelu", "quick_gelu"):
+            raise ConfigError(f"CLIP hidden_act={self.hidden_act!r} is not supported; jinbetween implements "
+                              "'gelu' (exact erf, OpenCLIP/SVD) and 'quick_gelu' (OpenAI CLIP).")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"CLIP hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                              f"{self.num_attention_heads}.")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"CLIP image_size {self.image_size} is not a multiple of patch_size {self.patch_size}.")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}.")
+
+    @property
+    def num_positions(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    def replace(self, **changes: Any) -> "ImageEncoderConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_transformers(cls, config: Mapping[str, Any], **runtime: Any) -> "ImageEncoderConfig":
+        """Returns the config of a transformers CLIPVisionModelWithProjection `config.json` dict."""
+        model_type = config.get("model_type", "clip_vision_model")
+        architectures = config.get("architectures") or ["CLIPVisionModelWithProjection"]
+        if model_type != "clip_vision_model" or "CLIPVisionModelWithProjection" not in architectures:
+            raise ConfigError(f"config.json describes {architectures} ({model_type}), not a "
+                              "CLIPVisionModelWithProjection; point at the `image_encoder/` folder of an SVD pipeline.")
+        fields = {f.name for f in dataclasses.fields(cls)} - {"attention_impl"}
+        return cls(**{k: v for k, v in config.items() if k in fields}, **runtime)
+
+    def to_transformers(self) -> dict[str, Any]:
+        """Returns the transformers `config.json` dict (computation fields only)."""
+        out = _to_dict(self, None, ("attention_impl",))
+        return {"architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model", **out}
+
+
+def _known_fields(cls, config: Mapping[str, Any], what: str, runtime_fields: tuple[str, ...]) -> dict[str, Any]:
+    fields = {f.name for f in dataclasses.fields(cls)} - set(runtime_fields)
+    unknown = sorted(k for k in config if k not in fields and k not in _DIFFUSERS_META_KEYS)
+    if unknown:
+        raise ConfigError(f"Unsupported {what} config field(s) {unknown}; jinbetween reads {sorted(fields)}.")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields}
+
+
+def _to_dict(config, class_name: str | None, runtime_fields: tuple[str, ...]) -> dict[str, Any]:
+    out = {"_class_name": class_name} if class_name else {}
+    for f in dataclasses.fields(config):
+        if f.name not in runtime_fields:
+            value = getattr(config, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def svd_vae() -> VAEConfig:
+    """The SVD / SVD-XT temporal-decoder VAE (`vae/` of either repo)."""
+    return VAEConfig()
+
+
+def svd_image_encoder() -> ImageEncoderConfig:
+    """OpenCLIP ViT-H/14 vision tower with projection (`image_encoder/` of the SVD repos)."""
+    return ImageEncoderConfig()
+
+
+def tiny_vae() -> VAEConfig:
+    """A two-level VAE (latent = pixels / 2) for tests and smoke runs on a CPU."""
+    return VAEConfig(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                     layers_per_block=1, sample_size=32)
+
+
+def tiny_image_encoder() -> ImageEncoderConfig:
+    """A two-layer CLIP vision tower on 28×28 images (4 patches of 14) for tests and smoke runs."""
+    return ImageEncoderConfig(hidden_size=64, intermediate_size=128, projection_dim=32, num_hidden_layers=2,
+                              num_attention_heads=4, image_size=28, patch_size=14)

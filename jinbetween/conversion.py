@@ -17,7 +17,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -27,12 +27,12 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jinbetween.checkpoint import restore_tree, save_tree
-from jinbetween.config import UNetConfig
+from jinbetween.config import ImageEncoderConfig, UNetConfig, VAEConfig
 from jinbetween.errors import (CorruptWeightsError, KeyMismatchError, PickleRefusedError, ShapeMismatchError,
                                WeightsNotFoundError)
-
-if TYPE_CHECKING:
-    from jinbetween.models.unet import UNet
+from jinbetween.models.image_encoder import abstract_image_encoder
+from jinbetween.models.unet import abstract_unet
+from jinbetween.models.vae import abstract_vae
 
 log = logging.getLogger(__name__)
 
@@ -332,19 +332,75 @@ def restore_component(folder: Path, component: str, abstract: nnx.Module, dtype)
 
 
 # --------------------------------------------------------------------------------------------------
-# The UNet component.
-
-UNET_STEM = "diffusion_pytorch_model"
+# Components: how each model's folder, config and weights are found.
 
 
-def _diffusers_unet_folder(path: Path) -> Path:
+@dataclass(frozen=True)
+class Component:
+    """One model of an SVD pipeline: its folder name, weight-file stem, config parser and abstract builder."""
+
+    name: str
+    model: str
+    stem: str
+    class_name: str
+    parse_config: Callable[..., Any]
+    abstract: Callable[[Any], nnx.Module]
+    rename: Callable[[str], str | None] | None = None
+
+
+_LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def _legacy_vae_names(key: str) -> str:
+    """Maps pre-0.14 diffusers VAE attention names (`query`, `key`, `value`, `proj_attn`) to today's."""
+    parts = key.split(".")
+    if len(parts) >= 2 and parts[-2] in _LEGACY_ATTENTION_NAMES and "attentions" in parts:
+        return ".".join(parts[:-2] + [_LEGACY_ATTENTION_NAMES[parts[-2]], parts[-1]])
+    return key
+
+
+def _drop_position_ids(key: str) -> str | None:
+    """Older transformers checkpoints store the non-persistent `position_ids` buffer; it is not a parameter."""
+    return None if key.endswith("embeddings.position_ids") else key
+
+
+UNET_COMPONENT = Component("unet", "UNet", "diffusion_pytorch_model", "UNetSpatioTemporalConditionModel",
+                           UNetConfig.from_diffusers, abstract_unet)
+VAE_COMPONENT = Component("vae", "VAE", "diffusion_pytorch_model", "AutoencoderKLTemporalDecoder",
+                          VAEConfig.from_diffusers, abstract_vae, _legacy_vae_names)
+IMAGE_ENCODER_COMPONENT = Component("image_encoder", "image encoder", "model", "CLIPVisionModelWithProjection",
+                                    ImageEncoderConfig.from_transformers, abstract_image_encoder, _drop_position_ids)
+COMPONENTS = (UNET_COMPONENT, VAE_COMPONENT, IMAGE_ENCODER_COMPONENT)
+PIPELINE_CONFIGS = {"scheduler": "scheduler/scheduler_config.json",
+                    "feature_extractor": "feature_extractor/preprocessor_config.json",
+                    "model_index": "model_index.json"}
+
+
+def _class_name(config: Mapping[str, Any]) -> str:
+    return config.get("_class_name") or (config.get("architectures") or ["?"])[0]
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CorruptWeightsError(f"{file} is not readable JSON ({err}); download it again.") from err
+
+
+def component_folder(path: Path, component: Component) -> Path:
+    """Returns the folder holding `component`'s config.json: `path` itself or `path/<component.name>`."""
     if (path / "config.json").exists():
-        return path
-    if (path / "unet" / "config.json").exists():
-        return path / "unet"
+        found = _class_name(_read_json(path / "config.json"))
+        if found == component.class_name:
+            return path
+        if not (path / component.name / "config.json").exists():
+            raise WeightsNotFoundError(f"{path}/config.json describes a {found}, not a {component.class_name}; "
+                                       f"point at the {component.name}/ folder of an SVD pipeline.")
+    if (path / component.name / "config.json").exists():
+        return path / component.name
     raise WeightsNotFoundError(
-        f"{path} is neither a diffusers unet folder (config.json + {UNET_STEM}.safetensors), an SVD pipeline folder "
-        "(with unet/), nor a converted jinbetween dir (manifest.json); convert weights with "
+        f"{path} is neither a {component.model} folder (config.json + {component.stem}.safetensors), an SVD pipeline "
+        f"folder (with {component.name}/), nor a converted jinbetween dir (manifest.json); convert weights with "
         "`python convert_weights.py --repo stabilityai/stable-video-diffusion-img2vid-xt --out weights/svd-xt`.")
 
 
@@ -355,66 +411,62 @@ def _converted_root(path: Path) -> Path | None:
     return None
 
 
-def load_unet(path: str | os.PathLike, *, dtype=jnp.float32, variant: str | None = None,
-              allow_pickle: bool = False, **runtime) -> "UNet":
-    """Returns the UNet stored in a converted dir or a diffusers (pipeline or unet) folder, in `dtype`."""
-    from jinbetween.models.unet import abstract_unet
+def load_component(path: str | os.PathLike, component: Component, *, dtype=jnp.float32, variant: str | None = None,
+                   allow_pickle: bool = False, **runtime) -> nnx.Module:
+    """Returns `component`'s model from a converted dir or a diffusers/transformers folder, in `dtype`.
 
+    `runtime` overrides config switches that do not change the parameters (e.g. `attention_impl`).
+    """
     path = Path(path)
     if not path.exists():
         raise WeightsNotFoundError(f"{path} does not exist; see weights/README.md for how to get weights.")
     root = _converted_root(path)
     if root is not None:
-        entry = read_manifest(root)["components"].get("unet")
+        entry = read_manifest(root)["components"].get(component.name)
         if entry is None:
-            raise WeightsNotFoundError(f"{root} has no unet component; convert a UNet into it.")
-        config = UNetConfig.from_diffusers(entry["config"], **runtime)
-        return restore_component(root, "unet", abstract_unet(config), dtype)
-    folder = _diffusers_unet_folder(path)
-    config = UNetConfig.from_diffusers(json.loads((folder / "config.json").read_text()), **runtime)
-    abstract = abstract_unet(config)
-    source = TensorSource.from_folder(folder, UNET_STEM, variant, allow_pickle)
-    return merge_params(abstract, convert_tensors(source, flat_params(abstract), model="UNet", dtype=dtype))
+            raise WeightsNotFoundError(f"{root} has no {component.name} component; convert a folder that has one.")
+        config = component.parse_config(entry["config"], **runtime)
+        return restore_component(root, component.name, component.abstract(config), dtype)
+    folder = component_folder(path, component)
+    config = component.parse_config(_read_json(folder / "config.json"), **runtime)
+    abstract = component.abstract(config)
+    source = TensorSource.from_folder(folder, component.stem, variant, allow_pickle)
+    return merge_params(abstract, convert_tensors(source, flat_params(abstract), model=component.model, dtype=dtype,
+                                                  rename=component.rename))
 
 
-def convert_unet(folder: str | os.PathLike, out_dir: str | os.PathLike, *, variant: str | None = None,
-                 dtype=jnp.float32, allow_pickle: bool = False, source_name: str | None = None,
-                 progress: bool = True) -> Path:
-    """Converts a diffusers `unet/` folder into `out_dir/unet` (orbax) and records it in `out_dir/manifest.json`."""
-    from jinbetween.models.unet import abstract_unet
-
-    folder = _diffusers_unet_folder(Path(folder))
-    config_dict = json.loads((folder / "config.json").read_text())
-    abstract = abstract_unet(UNetConfig.from_diffusers(config_dict))
-    source = TensorSource.from_folder(folder, UNET_STEM, variant, allow_pickle)
-    params = convert_tensors(source, flat_params(abstract), model="UNet", dtype=dtype, progress=progress)
-    entry = {
+def convert_component(folder: Path, out_dir: Path, component: Component, *, variant: str | None = None,
+                      dtype=jnp.float32, allow_pickle: bool = False, source_name: str | None = None) -> None:
+    """Converts one diffusers/transformers model folder into `out_dir/<component.name>` and the manifest."""
+    config_dict = _read_json(folder / "config.json")
+    abstract = component.abstract(component.parse_config(config_dict))
+    source = TensorSource.from_folder(folder, component.stem, variant, allow_pickle)
+    params = convert_tensors(source, flat_params(abstract), model=component.model, dtype=dtype,
+                             rename=component.rename, progress=True)
+    write_component(out_dir, component.name, params, {
         "config": config_dict,
         "source": source_name or str(folder),
         "variant": variant,
         "dtype": np.dtype(dtype).name,
         "files": {f.name: sha256_of(f) for f in source.files},
         "num_parameters": int(sum(np.prod(a.shape) for a in params.values())),
-    }
-    out_dir = Path(out_dir)
-    write_component(out_dir, "unet", params, entry)
-    log.info("wrote %s/unet (%d tensors)", out_dir, len(params))
-    return out_dir
+    })
+    log.info("wrote %s/%s (%d tensors)", out_dir, component.name, len(params))
 
 
 # --------------------------------------------------------------------------------------------------
 # Whole pipelines: a Hugging Face repo or a local diffusers folder ──► weights/NAME.
 
-COMPONENTS = ("unet",)
-
 
 def hub_allow_patterns(variant: str | None, allow_pickle: bool = False) -> list[str]:
     """Files of an SVD pipeline repo that conversion reads (nothing else is downloaded)."""
     suffix = f".{variant}" if variant else ""
-    patterns = ["model_index.json", "unet/config.json", f"unet/{UNET_STEM}{suffix}.safetensors",
-                f"unet/{UNET_STEM}.safetensors.index{suffix}.json", f"unet/{UNET_STEM}{suffix}-*.safetensors"]
-    if allow_pickle:
-        patterns += [f"unet/{UNET_STEM}{suffix}.bin", f"unet/{UNET_STEM}{suffix}-*.bin"]
+    patterns = list(PIPELINE_CONFIGS.values())
+    for c in COMPONENTS:
+        patterns += [f"{c.name}/config.json", f"{c.name}/{c.stem}{suffix}.safetensors",
+                     f"{c.name}/{c.stem}.safetensors.index{suffix}.json", f"{c.name}/{c.stem}{suffix}-*.safetensors"]
+        if allow_pickle:
+            patterns += [f"{c.name}/{c.stem}{suffix}.bin", f"{c.name}/{c.stem}{suffix}-*.bin"]
     return patterns
 
 
@@ -435,10 +487,32 @@ def download_pipeline(repo_id: str, *, revision: str | None = None, variant: str
 
 def convert_pipeline(folder: str | os.PathLike, out_dir: str | os.PathLike, *, variant: str | None = None,
                      dtype=jnp.float32, allow_pickle: bool = False, source_name: str | None = None) -> Path:
-    """Converts every component found in a diffusers SVD folder (a pipeline folder or a lone `unet/`)."""
-    folder = Path(folder)
+    """Converts every model found in a diffusers SVD folder (a pipeline folder or a lone model folder).
+
+    A pipeline's scheduler and feature-extractor configs are recorded in the manifest.
+    """
+    folder, out_dir = Path(folder), Path(out_dir)
     if not folder.is_dir():
-        raise WeightsNotFoundError(f"{folder} is not a folder; pass a diffusers SVD pipeline or unet folder.")
+        raise WeightsNotFoundError(f"{folder} is not a folder; pass a diffusers SVD pipeline or model folder.")
     source_name = source_name or str(folder)
-    return convert_unet(folder, out_dir, variant=variant, dtype=dtype, allow_pickle=allow_pickle,
-                        source_name=source_name)
+    if (folder / "config.json").exists():
+        found = _class_name(_read_json(folder / "config.json"))
+        matches = [c for c in COMPONENTS if c.class_name == found]
+        if not matches:
+            raise WeightsNotFoundError(f"{folder}/config.json describes a {found}; jinbetween converts "
+                                       f"{[c.class_name for c in COMPONENTS]} or SVD pipeline folders.")
+        convert_component(folder, out_dir, matches[0], variant=variant, dtype=dtype, allow_pickle=allow_pickle,
+                          source_name=source_name)
+        return out_dir
+    present = [c for c in COMPONENTS if (folder / c.name / "config.json").exists()]
+    if not present:
+        raise WeightsNotFoundError(f"{folder} has none of {[c.name + '/' for c in COMPONENTS]}; pass an SVD pipeline "
+                                   "folder (as downloaded from the hub) or one model's folder.")
+    for component in present:
+        convert_component(folder / component.name, out_dir, component, variant=variant, dtype=dtype,
+                          allow_pickle=allow_pickle, source_name=f"{source_name}/{component.name}")
+    manifest = read_manifest(out_dir)
+    manifest["pipeline"] = {key: _read_json(folder / rel) for key, rel in PIPELINE_CONFIGS.items()
+                            if (folder / rel).exists()}
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out_dir

@@ -13,12 +13,13 @@ from safetensors.numpy import load_file, save_file
 
 from jinbetween import config
 from jinbetween.cli import main as cli_main
-from jinbetween.conversion import UNET_STEM, hub_allow_patterns, download_pipeline
+from jinbetween.conversion import UNET_COMPONENT, download_pipeline, hub_allow_patterns
 from jinbetween.errors import (CorruptWeightsError, KeyMismatchError, PickleRefusedError, ShapeMismatchError,
                                WeightsNotFoundError)
 from jinbetween.models import UNet
 from tests.torch_reference import diffusers_unet
 
+UNET_STEM = UNET_COMPONENT.stem
 WEIGHTS = f"{UNET_STEM}.safetensors"
 
 

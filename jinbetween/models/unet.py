@@ -195,9 +195,9 @@ class UNet(nnx.Module):
 
         `runtime` overrides config switches such as `attention_impl` or `cross_attention_shortcut`.
         """
-        from jinbetween.conversion import load_unet
+        from jinbetween.conversion import UNET_COMPONENT, load_component
 
-        return load_unet(path, dtype=dtype, **runtime)
+        return load_component(path, UNET_COMPONENT, dtype=dtype, **runtime)
 
 
 def temporal_attention_layers(cfg: UNetConfig) -> tuple[str, ...]:
