@@ -44,18 +44,19 @@ def abstract_params(module_fn, dtype):
     return graphdef, jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), state)
 
 
-def block_plans(cfg, b: int, f: int, h: int, w: int, dtype, name: str) -> list[dict]:
-    """Plans every down/mid/up block of the UNet on its own, with the shapes it sees in the full forward."""
+def block_plans(cfg, b: int, f: int, h: int, w: int, dtype, name: str, results: list, on_result) -> None:
+    """Plans every down/mid/up block of the UNet on its own (shapes as in the full forward), into `results`."""
     unet = abstract_unet(cfg)
     sds = jax.ShapeDtypeStruct
     temb, ctx = sds((b * f, cfg.time_embed_dim), dtype), sds((b, 1, cfg.cross_attention_dim[0]), dtype)
     size, channels = (h, w), cfg.block_out_channels[0]
     skips = [(channels, size)]  # (channels, spatial size) of every skip, in push order
-    level_sizes, results = [], []
+    level_sizes = []
 
     def record(piece, fn, *args):
         results.append({"piece": piece, "dtype": name, **plan(fn, *args)})
         print(results[-1], flush=True)
+        on_result()
 
     for i, block in enumerate(unet.down_blocks):
         graphdef, params = abstract_params(lambda blk=block: blk, dtype)
@@ -82,7 +83,6 @@ def block_plans(cfg, b: int, f: int, h: int, w: int, dtype, name: str) -> list[d
                params, sds((b * f, *level_sizes[level], channels), dtype),
                [sds((b * f, *sz, c), dtype) for c, sz in popped], temb, ctx)
         channels = cfg.block_out_channels[level]
-    return results
 
 
 def main() -> None:
@@ -106,6 +106,10 @@ def main() -> None:
               "jax": jax.__version__, "python": platform.python_version(), "batch": b, "frames": f,
               "latent": [h, w], "matmul_precision": args.precision, "results": []}
     sds = jax.ShapeDtypeStruct
+
+    def save():  # after every piece, so that a run stopped by a time limit keeps what it measured
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
     for name in args.dtypes.split(","):
         dtype = DTYPES[name]
         pieces = args.pieces.split(",")
@@ -117,8 +121,9 @@ def main() -> None:
             report["results"].append({"piece": "unet" + ("+capture" if args.capture else ""), "dtype": name, **plan(
                 lambda p, *a: unet_apply(graphdef, p, *a, attn=attn), params, *inputs)})
             print(report["results"][-1], flush=True)
+            save()
         if "blocks" in pieces:
-            report["results"] += block_plans(cfg, b, f, h, w, dtype, name)
+            block_plans(cfg, b, f, h, w, dtype, name, report["results"], on_result=save)
         if "transformer" in pieces:
             graphdef, params = abstract_params(lambda: TransformerSpatioTemporalModel(
                 320, heads=5, context_dim=1024, num_layers=1, impl="auto", shortcut=True, name="t",
@@ -127,6 +132,7 @@ def main() -> None:
                 lambda p, x, c: nnx.merge(graphdef, p)(x, c, f)[0], params, sds((b * f, h, w, 320), dtype),
                 sds((b, 1, 1024), dtype))})
             print(report["results"][-1], flush=True)
+            save()
         if "resnet" in pieces:
             graphdef, params = abstract_params(lambda: SpatioTemporalResBlock(
                 320, 320, temb_dim=1280, eps=1e-6, rngs=nnx.Rngs(0)), dtype)
@@ -134,13 +140,15 @@ def main() -> None:
                 lambda p, x, t: nnx.merge(graphdef, p)(x, t, f), params, sds((b * f, h, w, 320), dtype),
                 sds((b * f, 1280), dtype))})
             print(report["results"][-1], flush=True)
+            save()
         if "attention" in pieces:
             impl = resolve_attention_impl("auto", dtype, 64)
             q = sds((b * f, h * w, 5, 64), dtype)
             report["results"].append({"piece": f"spatial_attention_level0[{impl}]", "dtype": name, **plan(
                 ATTENTION_KERNELS[impl], q, q, q)})
             print(report["results"][-1], flush=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+            save()
+        save()
 
 
 if __name__ == "__main__":
