@@ -90,14 +90,18 @@ def read_safetensors_index(file: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+def as_float32(array: np.ndarray) -> np.ndarray:
+    """Returns floating tensors as float32 (fp16 and bf16 convert exactly), other tensors unchanged."""
+    floating = np.issubdtype(array.dtype, np.floating) or array.dtype == ml_dtypes.bfloat16
+    return array.astype(np.float32) if floating else array
+
+
 def load_tensor(info: TensorInfo) -> np.ndarray:
-    """Returns the tensor's data as float32 (floating types) or its own dtype."""
-    dtype = np.dtype(_SAFETENSORS_DTYPES[info.dtype])
+    """Returns the tensor's data, floating types as float32."""
     with open(info.file, "rb") as fh:
         fh.seek(info.start)
         data = fh.read(info.end - info.start)
-    array = np.frombuffer(data, dtype=dtype).reshape(info.shape)
-    return array.astype(np.float32) if np.issubdtype(dtype, np.floating) or dtype == ml_dtypes.bfloat16 else array
+    return as_float32(np.frombuffer(data, dtype=_SAFETENSORS_DTYPES[info.dtype]).reshape(info.shape))
 
 
 def find_weight_files(folder: Path, stem: str, variant: str | None = None) -> list[Path]:
@@ -149,9 +153,7 @@ class TensorSource:
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray], description: str = "in-memory tensors") -> "TensorSource":
         arrays = {k: np.asarray(v) for k, v in arrays.items()}
-        return cls({k: v.shape for k, v in arrays.items()},
-                   lambda k: arrays[k].astype(np.float32) if np.issubdtype(arrays[k].dtype, np.floating)
-                   else arrays[k], [], description)
+        return cls({k: v.shape for k, v in arrays.items()}, lambda k: as_float32(arrays[k]), [], description)
 
     @classmethod
     def from_folder(cls, folder: Path, stem: str, variant: str | None = None,
