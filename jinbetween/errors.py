@@ -40,3 +40,7 @@ class ShapeMismatchError(JinbetweenError):
     def __init__(self, message: str, mismatches: list[tuple[str, tuple, tuple]]):
         super().__init__(message)
         self.mismatches = mismatches
+
+
+class ImageError(JinbetweenError):
+    """A keyframe file is missing, unreadable or not an image."""

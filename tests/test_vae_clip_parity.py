@@ -18,7 +18,7 @@ from jinbetween.cli import main as cli_main
 from jinbetween.errors import InputShapeError
 from jinbetween.models import VAE, ImageEncoder, UNet
 from tests.helpers import assert_close
-from tests.torch_reference import diffusers_unet, randomize_
+from tests.torch_reference import diffusers_unet, diffusers_vae, transformers_clip
 
 TOL = 1e-5
 
@@ -29,13 +29,6 @@ VAE_CASES = {
     "three_level": (config.VAEConfig(block_out_channels=(32, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
                                      layers_per_block=2, sample_size=32), (24, 40)),
 }
-
-
-def diffusers_vae(cfg: config.VAEConfig, seed: int):
-    from diffusers import AutoencoderKLTemporalDecoder
-
-    return randomize_(AutoencoderKLTemporalDecoder(**{k: v for k, v in cfg.to_diffusers().items()
-                                                      if not k.startswith("_")}), seed)
 
 
 @pytest.fixture(scope="module", params=list(VAE_CASES), ids=str)
@@ -111,12 +104,6 @@ def test_vae_refuses_bad_shapes():
 
 
 # --------------------------------------------------------------------------------------------------
-
-
-def transformers_clip(cfg: config.ImageEncoderConfig, seed: int):
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    return randomize_(CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg.to_transformers())), seed)
 
 
 @pytest.mark.parametrize("act", ["gelu", "quick_gelu"])

@@ -7,7 +7,8 @@ import contextlib
 import numpy as np
 import torch
 
-from jinbetween.config import UNetConfig
+from jinbetween import config
+from jinbetween.config import ImageEncoderConfig, UNetConfig, VAEConfig
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -34,6 +35,43 @@ def diffusers_unet(config: UNetConfig, seed: int = 0):
 
     kwargs = {k: v for k, v in config.to_diffusers().items() if not k.startswith("_")}
     return randomize_(UNetSpatioTemporalConditionModel(**kwargs), seed)
+
+
+def diffusers_vae(cfg: VAEConfig, seed: int = 0):
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    return randomize_(AutoencoderKLTemporalDecoder(**{k: v for k, v in cfg.to_diffusers().items()
+                                                      if not k.startswith("_")}), seed)
+
+
+def transformers_clip(cfg: ImageEncoderConfig, seed: int = 0):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    return randomize_(CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg.to_transformers())), seed)
+
+
+# scheduler/scheduler_config.json of the SVD repos (svd_port.md §1.6).
+SVD_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear", "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction", "set_alpha_to_one": False, "sigma_max": 700.0, "sigma_min": 0.002,
+    "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "timestep_type": "continuous",
+    "trained_betas": None, "use_karras_sigmas": True}
+
+# The pipeline resizes CLIP input to 224×224 whatever the encoder's config says, so tiny pipelines use a
+# 224-pixel encoder with 32-pixel patches (49 tokens).
+TINY_PIPELINE_CLIP = config.tiny_image_encoder().replace(image_size=224, patch_size=32)
+
+
+def diffusers_svd_pipeline(seed: int = 0):
+    """A StableVideoDiffusionPipeline of tiny random components (UNet and VAE each downsample by 2)."""
+    from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
+    from transformers import CLIPImageProcessor
+
+    return StableVideoDiffusionPipeline(
+        vae=diffusers_vae(config.tiny_vae(), seed), image_encoder=transformers_clip(TINY_PIPELINE_CLIP, seed),
+        unet=diffusers_unet(config.tiny(), seed), scheduler=EulerDiscreteScheduler.from_config(SVD_SCHEDULER),
+        feature_extractor=CLIPImageProcessor())
 
 
 def torch_unet_forward(unet, x, c_noise, image_embeds, added_time_ids) -> np.ndarray:

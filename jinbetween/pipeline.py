@@ -1,0 +1,200 @@
+"""Pipeline: loads the three SVD models once, encodes keyframes, runs a sampler, decodes the video."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from jinbetween import conditioning, schedule
+from jinbetween.conditioning import Conditioning
+from jinbetween.conversion import MANIFEST, read_manifest
+from jinbetween.errors import ConfigError, ImageError, InputShapeError
+from jinbetween.models import VAE, ImageEncoder, UNet
+from jinbetween.models.state import ModelState
+from jinbetween.samplers.core import sampling_progress
+from jinbetween.samplers.i2v import I2VConfig, sample_i2v
+from jinbetween.video import check_size
+
+log = logging.getLogger(__name__)
+
+ImageLike = Image.Image | np.ndarray
+
+
+def default_dtype():
+    """bf16 parameters on a GPU, float32 elsewhere."""
+    return jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+
+
+@jax.jit
+def _encode(vae: ModelState[VAE], encoder: ModelState[ImageEncoder], pixels, clip_input, aug_keys, aug_noise,
+            time_ids) -> Conditioning:
+    if aug_noise is None:
+        aug_noise = jax.vmap(lambda k: jax.random.normal(k, pixels.shape[1:]))(aug_keys)
+    return conditioning.encode_keyframes(vae.merge(), encoder.merge(), pixels, clip_input, aug_noise, time_ids)
+
+
+class Pipeline:
+    """The SVD models plus the pipeline settings (CLIP normalization, noise schedule range)."""
+
+    def __init__(self, unet: UNet, vae: VAE, image_encoder: ImageEncoder, *, clip_mean=conditioning.CLIP_MEAN,
+                 clip_std=conditioning.CLIP_STD, sigma_min: float = schedule.SIGMA_MIN,
+                 sigma_max: float = schedule.SIGMA_MAX, default_size: tuple[int, int] = (576, 1024)):
+        self.unet, self.vae, self.image_encoder = unet, vae, image_encoder
+        self.clip_mean, self.clip_std = tuple(clip_mean), tuple(clip_std)
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.default_size = default_size
+        self._unet_state, self._vae_state, self._encoder_state = (ModelState.of(m) for m in (unet, vae, image_encoder))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, **runtime: Any) -> "Pipeline":
+        """Loads a converted jinbetween dir or a diffusers SVD pipeline folder (parameters in `dtype`,
+        default bf16 on GPU and float32 elsewhere); `runtime` overrides UNet switches like `attention_impl`."""
+        path = Path(path)
+        dtype = dtype or default_dtype()
+        settings = _pipeline_settings(path)
+        return cls(UNet.from_pretrained(path, dtype=dtype, **runtime), VAE.from_pretrained(path, dtype=dtype),
+                   ImageEncoder.from_pretrained(path, dtype=dtype), **settings)
+
+    @property
+    def size_multiple(self) -> int:
+        """Video height and width must be multiples of this (64 for SVD: VAE ×8, UNet ×8)."""
+        return self.vae.config.downsample_factor * self.unet.config.downsample_factor
+
+    def encode(self, images: np.ndarray, *, keys: jax.Array | None = None, aug_noise: np.ndarray | None = None,
+               fps: float = 7, motion_bucket_id: float = 127, noise_aug_strength: float = 0.02) -> Conditioning:
+        """Returns the Conditioning of uint8 keyframes `[N, H, W, 3]`; augmentation noise from `keys [N]`
+        unless `aug_noise [N, H, W, 3]` is given."""
+        images = np.asarray(images)
+        check_size(images.shape[1], images.shape[2], self.size_multiple)
+        clip_input = conditioning.clip_pixels(images, self.image_encoder.config.image_size, self.clip_mean,
+                                              self.clip_std)
+        time_ids = conditioning.added_time_ids(fps, motion_bucket_id, noise_aug_strength)
+        return _encode(self._vae_state, self._encoder_state, conditioning.vae_pixels(images), clip_input, keys,
+                       None if aug_noise is None else jnp.asarray(aug_noise, jnp.float32), time_ids)
+
+    def decode(self, latents: jax.Array, chunk_size: int | None = None) -> np.ndarray:
+        """Returns float32 frames `[B, F, H, W, 3]` in [0, 1] for sampler latents `[B, F, h, w, C]`.
+
+        Videos are decoded one at a time (diffusers flattens the batch, so its chunks can straddle videos).
+        """
+        videos = [self.vae.decode_video(video, chunk_size) for video in latents]
+        return np.clip(np.stack([np.asarray(v) for v in videos]) / 2 + 0.5, 0, 1)
+
+    def image_to_video(self, image: ImageLike | Sequence[ImageLike], *, key: jax.Array | None = None,
+                       num_frames: int | None = None, num_inference_steps: int = 25, fps: float = 7,
+                       motion_bucket_id: float = 127, noise_aug_strength: float = 0.02,
+                       min_guidance_scale: float = 1.0, max_guidance_scale: float = 3.0,
+                       decode_chunk_size: int | None = None, latents: np.ndarray | None = None,
+                       aug_noise: np.ndarray | None = None, output: str = "uint8", first_index: int = 0,
+                       progress: bool = False) -> np.ndarray:
+        """Returns the video that starts at `image`: uint8 `[F, H, W, 3]`, float32 in [0, 1] with
+        `output="float"`, or the sampler's latents `[F, h, w, C]` with `output="latent"`; a list of images
+        gives a leading batch axis.
+
+        Image i uses `fold_in(key, first_index + i)` (a random seed when `key` is None), so a result never
+        depends on the batch it ran in: split a global batch anywhere and pass each part its first index.
+        `latents` (`[F, h, w, C]` standard normal, scaled by √(σmax²+1) here, as diffusers does) and
+        `aug_noise` (`[H, W, 3]`) replace the two random draws, for parity with other implementations.
+        """
+        if output not in ("uint8", "float", "latent"):
+            raise ValueError(f"output={output!r}; choose 'uint8', 'float' or 'latent'.")
+        batched = isinstance(image, (list, tuple))
+        images = _as_uint8_batch(image if batched else [image])
+        num_frames = num_frames or self.unet.config.num_frames
+        if key is None:
+            seed = secrets.randbits(31)
+            log.info("sampling with seed %d", seed)
+            key = jax.random.key(seed)
+        sample_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(first_index + jnp.arange(len(images)))
+        aug_keys, noise_keys = (jax.vmap(lambda k: jax.random.split(k)[j])(sample_keys) for j in (0, 1))
+        cond = self.encode(images, keys=aug_keys, aug_noise=_batch_of(aug_noise, batched), fps=fps,
+                           motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength)
+        cfg = I2VConfig(num_frames=num_frames, num_steps=num_inference_steps, min_guidance_scale=min_guidance_scale,
+                        max_guidance_scale=max_guidance_scale, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
+                        progress=progress)
+        with _progress_bar(num_inference_steps * len(images) if progress else 0):
+            video_latents = sample_i2v(self._unet_state, cond, noise_keys, cfg, _batch_of(latents, batched))
+        if output == "latent":
+            frames = np.asarray(video_latents)
+        else:
+            frames = self.decode(video_latents, decode_chunk_size)
+            frames = frames if output == "float" else np.round(frames * 255).astype(np.uint8)
+        return frames if batched else frames[0]
+
+
+class _progress_bar:
+    """A tqdm bar over sampling steps, fed by the samplers' step callback (nothing when total is 0)."""
+
+    def __init__(self, total: int):
+        self.total = total
+
+    def __enter__(self):
+        if self.total:
+            self.bar = tqdm(total=self.total, desc="denoising", unit="step")
+            self.context = sampling_progress(lambda step: self.bar.update())
+            self.context.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.total:
+            self.context.__exit__(*exc)
+            self.bar.close()
+
+
+def _batch_of(array: np.ndarray | None, batched: bool) -> np.ndarray | None:
+    """An injected draw as float32 with a leading batch axis (added for a single image)."""
+    if array is None:
+        return None
+    array = np.asarray(array, np.float32)
+    return array if batched else array[None]
+
+
+def _as_uint8_batch(images: Sequence[ImageLike]) -> np.ndarray:
+    arrays = []
+    for image in images:
+        if isinstance(image, Image.Image):
+            image = np.asarray(image.convert("RGB"))
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise ImageError(f"A keyframe has shape {image.shape}; pass PIL images or uint8 arrays [H, W, 3] "
+                             "(jinbetween.video.read_keyframe reads files).")
+        if image.dtype != np.uint8:
+            if image.min() < 0 or image.max() > 1:
+                raise ImageError("Float keyframes must be in [0, 1]; pass uint8 arrays for 0..255 data.")
+            image = np.round(image * 255).astype(np.uint8)
+        arrays.append(image)
+    if len({a.shape for a in arrays}) > 1:
+        raise InputShapeError(f"Keyframes of one batch must share a size, got {sorted({a.shape for a in arrays})}; "
+                              "fit them with jinbetween.video.fit_image.")
+    return np.stack(arrays)
+
+
+def _pipeline_settings(path: Path) -> dict[str, Any]:
+    """CLIP normalization and the noise range from a converted dir's manifest or a diffusers pipeline folder."""
+    root = path if (path / MANIFEST).exists() else path.parent if (path.parent / MANIFEST).exists() else None
+    if root is not None:
+        configs = read_manifest(root).get("pipeline", {})
+    else:
+        configs = {name: json.loads((path / rel).read_text()) for name, rel in (
+            ("feature_extractor", "feature_extractor/preprocessor_config.json"),
+            ("scheduler", "scheduler/scheduler_config.json")) if (path / rel).exists()}
+    settings: dict[str, Any] = {}
+    extractor = configs.get("feature_extractor", {})
+    if "image_mean" in extractor:
+        settings.update(clip_mean=extractor["image_mean"], clip_std=extractor["image_std"])
+    scheduler = configs.get("scheduler", {})
+    if scheduler.get("prediction_type", "v_prediction") != "v_prediction":
+        raise ConfigError(f"The scheduler config asks for {scheduler['prediction_type']} prediction; jinbetween "
+                          "implements SVD's v-prediction EDM sampler only.")
+    settings.update({k: float(scheduler[k]) for k in ("sigma_min", "sigma_max") if scheduler.get(k) is not None})
+    return settings
