@@ -98,30 +98,28 @@ class UNetConfig:
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any], **runtime: Any) -> "UNetConfig":
         """Returns the config of a diffusers `unet/config.json` dict; unknown fields raise ConfigError."""
-        class_name = config.get("_class_name", "UNetSpatioTemporalConditionModel")
-        if class_name != "UNetSpatioTemporalConditionModel":
-            raise ConfigError(f"config.json describes a {class_name}, not a UNetSpatioTemporalConditionModel; "
-                              "point at the `unet/` folder of an SVD pipeline.")
-        arch_fields = {f.name for f in dataclasses.fields(cls)} - {"attention_impl", "cross_attention_shortcut"}
-        unknown = sorted(k for k in config if k not in arch_fields and k not in _DIFFUSERS_META_KEYS)
-        if unknown:
-            raise ConfigError(f"Unsupported UNet config field(s) {unknown}; jinbetween reads {sorted(arch_fields)}.")
-        n = len(config.get("down_block_types", cls.down_block_types))
-        values: dict[str, Any] = {}
-        for name, value in config.items():
-            if name in _DIFFUSERS_META_KEYS:
-                continue
-            if name in ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
-                        "num_attention_heads"):
-                value = _per_block(name, value, n)
-            elif name in ("down_block_types", "up_block_types", "block_out_channels"):
-                value = tuple(value)
-            values[name] = value
+        _check_class(config, "UNetSpatioTemporalConditionModel", "unet")
+        values = _known_fields(cls, config, "UNet", _UNET_RUNTIME_FIELDS)
+        n = len(values.get("down_block_types", cls.down_block_types))
+        for name in _PER_BLOCK_FIELDS:
+            if name in values:
+                values[name] = _per_block(name, values[name], n)
         return cls(**values, **runtime)
 
     def to_diffusers(self) -> dict[str, Any]:
         """Returns the diffusers `config.json` dict (architecture fields only)."""
-        return _to_dict(self, "UNetSpatioTemporalConditionModel", ("attention_impl", "cross_attention_shortcut"))
+        return _to_dict(self, "UNetSpatioTemporalConditionModel", _UNET_RUNTIME_FIELDS)
+
+
+_UNET_RUNTIME_FIELDS = ("attention_impl", "cross_attention_shortcut")
+_PER_BLOCK_FIELDS = ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block", "num_attention_heads")
+
+
+def _check_class(config: Mapping[str, Any], expected: str, folder: str) -> None:
+    found = config.get("_class_name", expected)
+    if found != expected:
+        raise ConfigError(f"config.json describes a {found}, not a {expected}; point at the `{folder}/` folder of "
+                          "an SVD pipeline.")
 
 
 def _per_block(name: str, value: Any, n: int) -> tuple[int, ...]:
@@ -204,10 +202,7 @@ class VAEConfig:
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any], **runtime: Any) -> "VAEConfig":
         """Returns the config of a diffusers `vae/config.json` dict; unknown fields raise ConfigError."""
-        class_name = config.get("_class_name", "AutoencoderKLTemporalDecoder")
-        if class_name != "AutoencoderKLTemporalDecoder":
-            raise ConfigError(f"config.json describes a {class_name}, not an AutoencoderKLTemporalDecoder; "
-                              "point at the `vae/` folder of an SVD pipeline.")
+        _check_class(config, "AutoencoderKLTemporalDecoder", "vae")
         return cls(**_known_fields(cls, config, "VAE", ("attention_impl",)), **runtime)
 
     def to_diffusers(self) -> dict[str, Any]:
