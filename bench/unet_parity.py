@@ -43,7 +43,7 @@ def relative(a: np.ndarray, ref: np.ndarray) -> float:
 
 def timed(fn, *args, **kwargs):
     start = time.perf_counter()
-    out = jax.block_until_ready(fn(*args, **kwargs)) if not isinstance(fn, torch.nn.Module) else fn(*args)
+    out = jax.block_until_ready(fn(*args, **kwargs))
     return out, time.perf_counter() - start
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -132,23 +133,14 @@ class Pipeline:
         return frames if batched else frames[0]
 
 
-class _progress_bar:
+@contextlib.contextmanager
+def _progress_bar(total: int):
     """A tqdm bar over sampling steps, fed by the samplers' step callback (nothing when total is 0)."""
-
-    def __init__(self, total: int):
-        self.total = total
-
-    def __enter__(self):
-        if self.total:
-            self.bar = tqdm(total=self.total, desc="denoising", unit="step")
-            self.context = sampling_progress(lambda step: self.bar.update())
-            self.context.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.total:
-            self.context.__exit__(*exc)
-            self.bar.close()
+    if not total:
+        yield
+        return
+    with tqdm(total=total, desc="denoising", unit="step") as bar, sampling_progress(lambda step: bar.update()):
+        yield
 
 
 def _batch_of(array: np.ndarray | None, batched: bool) -> np.ndarray | None:
