@@ -47,6 +47,18 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - start
 
 
+def jit_each_block() -> None:
+    """Makes every down/mid/up block's `__call__` one compiled program (the model around them runs eagerly)."""
+    from jinbetween.models.unet import DownBlock, MidBlock, UpBlock
+
+    for cls, static in ((DownBlock, (4,)), (MidBlock, (4,)), (UpBlock, (5, 7))):
+        if getattr(cls, "_jitted_for_bench", False):
+            continue
+        compiled = nnx.jit(cls.__call__, static_argnums=static)
+        cls.__call__ = lambda self, *args, _c=compiled: _c(self, *args)
+        cls._jitted_for_bench = True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="svd_xt", choices=["svd_xt", "svd", "tiny"])
@@ -57,6 +69,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eager", default="", help="comma-separated dtypes to run op by op instead of one jit "
                         "(bounds XLA's temporaries to one op; for float32 at highest precision on GPU)")
+    parser.add_argument("--per-block", default="", help="comma-separated dtypes to run with one jit per down/mid/up "
+                        "block (bounds XLA's temporaries to the largest block)")
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args()
     jax.config.update("jax_default_matmul_precision", "highest")
@@ -109,7 +123,11 @@ def main() -> None:
         unet = merge_params(abstract, convert_tensors(TensorSource.from_arrays(state), flat_params(abstract),
                                                       model="UNet", dtype=dtype))
         graphdef, params = nnx.split(unet)
-        if dtype_name in args.eager.split(","):
+        if dtype_name in args.per_block.split(","):
+            jit_each_block()
+            forward, compile_s, temp_bytes = (lambda p, *a: nnx.merge(graphdef, p)(*a, attn=AttnControl.capture()),
+                                              None, None)
+        elif dtype_name in args.eager.split(","):
             forward, compile_s, temp_bytes = (lambda p, *a: nnx.merge(graphdef, p)(*a, attn=AttnControl.capture()),
                                               None, None)
         else:
@@ -133,7 +151,9 @@ def main() -> None:
         map_errors = {name: relative(np.asarray(p, np.float32), ref_maps[name]) for name, p in maps.items()}
         report["results"].append({
             "dtype": dtype_name,
-            "mode": "eager (op by op)" if compile_s is None else "jit",
+            "mode": ("one jit per block" if dtype_name in args.per_block.split(",") else
+                     "eager (op by op)" if compile_s is None else "jit"),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "spatial_attention_kernel": resolve_attention_impl(cfg.attention_impl, dtype, cfg.block_out_channels[0]
                                                                // cfg.num_attention_heads[0]),
             "relative_error": relative(v, v_ref),

@@ -80,7 +80,7 @@ def main() -> None:
 
     report = {"what": "VAE / CLIP parity vs PyTorch float32, random weights", "image": [h, w], "frames": f,
               "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-              "matmul_precision": args.precision, "versions": {
+              "matmul_precision": args.precision, "xla_flags": os.environ.get("XLA_FLAGS", ""), "versions": {
                   "jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version(),
                   "diffusers": __import__("diffusers").__version__,
                   "transformers": __import__("transformers").__version__}, "results": []}
