@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -22,7 +23,10 @@ from jinbetween.conversion import MANIFEST, read_manifest
 from jinbetween.errors import ConfigError, ImageError, InputShapeError
 from jinbetween.models import VAE, ImageEncoder, UNet
 from jinbetween.models.state import ModelState
-from jinbetween.samplers.core import sampling_progress
+from jinbetween.delta import BACKWARD_DELTA, Delta, load_delta
+from jinbetween.errors import WeightsNotFoundError
+from jinbetween.samplers import METHODS
+from jinbetween.samplers.core import Draws, sampling_progress
 from jinbetween.samplers.i2v import I2VConfig, sample_i2v
 from jinbetween.video import check_size
 
@@ -49,8 +53,10 @@ class Pipeline:
 
     def __init__(self, unet: UNet, vae: VAE, image_encoder: ImageEncoder, *, clip_mean=conditioning.CLIP_MEAN,
                  clip_std=conditioning.CLIP_STD, sigma_min: float = schedule.SIGMA_MIN,
-                 sigma_max: float = schedule.SIGMA_MAX, default_size: tuple[int, int] = (576, 1024)):
+                 sigma_max: float = schedule.SIGMA_MAX, default_size: tuple[int, int] = (576, 1024),
+                 backward_delta: Delta | None = None):
         self.unet, self.vae, self.image_encoder = unet, vae, image_encoder
+        self.backward_delta = backward_delta
         self.clip_mean, self.clip_std = tuple(clip_mean), tuple(clip_std)
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
         self.default_size = default_size
@@ -59,12 +65,21 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, **runtime: Any) -> "Pipeline":
         """Loads a converted jinbetween dir or a diffusers SVD pipeline folder (parameters in `dtype`,
-        default bf16 on GPU and float32 elsewhere); `runtime` overrides UNet switches like `attention_impl`."""
+        default bf16 on GPU and float32 elsewhere); `runtime` overrides UNet switches like `attention_impl`.
+
+        A converted dir's GI backward delta (`gi_backward/`, see `convert_weights.py --gi-unet`) is loaded too.
+        """
         path = Path(path)
         dtype = dtype or default_dtype()
         settings = _pipeline_settings(path)
-        return cls(UNet.from_pretrained(path, dtype=dtype, **runtime), VAE.from_pretrained(path, dtype=dtype),
-                   ImageEncoder.from_pretrained(path, dtype=dtype), **settings)
+        unet = UNet.from_pretrained(path, dtype=dtype, **runtime)
+        delta = load_delta(path / BACKWARD_DELTA, unet.config) if (path / BACKWARD_DELTA).exists() else None
+        return cls(unet, VAE.from_pretrained(path, dtype=dtype), ImageEncoder.from_pretrained(path, dtype=dtype),
+                   backward_delta=delta, **settings)
+
+    def load_backward_delta(self, path: str | os.PathLike) -> None:
+        """Uses the GI backward delta saved at `path` (a converted `gi_backward/` or a fine-tune's output)."""
+        self.backward_delta = load_delta(path, self.unet.config)
 
     @property
     def size_multiple(self) -> int:
@@ -107,30 +122,106 @@ class Pipeline:
         `latents` (`[F, h, w, C]` standard normal, scaled by √(σmax²+1) here, as diffusers does) and
         `aug_noise` (`[H, W, 3]`) replace the two random draws, for parity with other implementations.
         """
-        if output not in ("uint8", "float", "latent"):
-            raise ValueError(f"output={output!r}; choose 'uint8', 'float' or 'latent'.")
+        _check_output(output)
         batched = isinstance(image, (list, tuple))
         images = _as_uint8_batch(image if batched else [image])
         num_frames = num_frames or self.unet.config.num_frames
-        if key is None:
-            seed = secrets.randbits(31)
-            log.info("sampling with seed %d", seed)
-            key = jax.random.key(seed)
-        sample_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(first_index + jnp.arange(len(images)))
-        aug_keys, noise_keys = (jax.vmap(lambda k: jax.random.split(k)[j])(sample_keys) for j in (0, 1))
+        aug_keys, noise_keys = _sample_keys(key, first_index, len(images))
         cond = self.encode(images, keys=aug_keys, aug_noise=_batch_of(aug_noise, batched), fps=fps,
                            motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength)
         cfg = I2VConfig(num_frames=num_frames, num_steps=num_inference_steps, min_guidance_scale=min_guidance_scale,
                         max_guidance_scale=max_guidance_scale, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
                         progress=progress)
-        with _progress_bar(num_inference_steps * len(images) if progress else 0):
+        with _progress_bar(len(cfg.program()) if progress else 0):
             video_latents = sample_i2v(self._unet_state, cond, noise_keys, cfg, _batch_of(latents, batched))
-        if output == "latent":
-            frames = np.asarray(video_latents)
-        else:
-            frames = self.decode(video_latents, decode_chunk_size)
-            frames = frames if output == "float" else np.round(frames * 255).astype(np.uint8)
+        frames = self._finish(video_latents, output, decode_chunk_size)
         return frames if batched else frames[0]
+
+    def interpolate(self, start: ImageLike | Sequence[ImageLike], end: ImageLike | Sequence[ImageLike], *,
+                    method: str = "gi", key: jax.Array | None = None, num_frames: int | None = None,
+                    num_inference_steps: int | None = None, fps: float | None = None,
+                    motion_bucket_id: float = 127, noise_aug_strength: float = 0.02,
+                    decode_chunk_size: int | None = None, output: str = "uint8", first_index: int = 0,
+                    progress: bool = False, allow_untrained_backward: bool = False, draws: Draws | None = None,
+                    **options: Any) -> np.ndarray:
+        """Returns the video from `start` to `end`: uint8 `[F, H, W, 3]` (float32 in [0, 1] with `output="float"`,
+        latents with `output="latent"`); lists of keyframes give a leading batch axis of pairs.
+
+        method: "gi", "trf", "mpd" (MPD-par), "mpd-seq" or "vibid" (`jinbetween.samplers.METHODS`).
+        num_inference_steps and fps default to each method's official values (GI and TRF 50 steps at
+        fps 7, MPD 25 at fps 9, ViBiD 25 at fps 7). `options` set fields of the method's config
+        (e.g. `noise_injection_steps=0` for GI, `faithful=True` for TRF). Pair i uses
+        `fold_in(key, first_index + i)`, as in `image_to_video`. GI needs a backward delta
+        (`load_backward_delta`); `allow_untrained_backward=True` runs it with the base weights instead
+        (the paper's "w/o fine-tuning" ablation). `draws` injects every random draw (tests, parity).
+        """
+        _check_output(output)
+        if method not in METHODS:
+            raise ConfigError(f"Unknown method {method!r}; choose one of {sorted(METHODS)}.")
+        spec = METHODS[method]
+        if spec.uses_delta and self.backward_delta is None and not allow_untrained_backward:
+            raise WeightsNotFoundError(
+                "GI needs its backward model: a delta on the temporal attention W_v/W_o. Convert GI's released "
+                "UNet with `python convert_weights.py --gi-unet PATH/unet --gi-base "
+                "stabilityai/stable-video-diffusion-img2vid --out WEIGHTS_DIR` (then load WEIGHTS_DIR), train one "
+                "with `jinbetween finetune`, or pass allow_untrained_backward=True (CLI: --allow-untrained-backward) "
+                "to run the paper's ablation without fine-tuning.")
+        batched = isinstance(start, (list, tuple))
+        starts = _as_uint8_batch(start if batched else [start])
+        ends = _as_uint8_batch(end if isinstance(end, (list, tuple)) else [end])
+        if starts.shape != ends.shape:
+            raise InputShapeError(f"Start keyframes {starts.shape} and end keyframes {ends.shape} differ; pass as "
+                                  "many ends as starts, all of one size.")
+        n = len(starts)
+        cfg = _method_config(spec, num_frames=num_frames or self.unet.config.num_frames,
+                             num_steps=num_inference_steps, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
+                             progress=progress, **options)
+        aug_keys, sample_keys = _sample_keys(key, first_index, n)
+        if spec.shared_aug_noise:
+            pair_aug_keys = jnp.concatenate([aug_keys, aug_keys])
+        else:
+            pair_aug_keys = jnp.concatenate([jax.vmap(lambda k: jax.random.fold_in(k, j))(aug_keys) for j in (0, 1)])
+        cond = self.encode(np.concatenate([starts, ends]), keys=pair_aug_keys, fps=spec.fps if fps is None else fps,
+                           motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength)
+        start_cond, end_cond = (jax.tree.map(lambda a, s=s: a[s], cond) for s in (slice(0, n), slice(n, 2 * n)))
+        extra = (self.backward_delta,) if spec.uses_delta else ()
+        with _progress_bar(len(cfg.program()) if progress else 0):
+            video_latents = spec.sample(self._unet_state, start_cond, end_cond, sample_keys, cfg, *extra,
+                                        draws=draws)
+        frames = self._finish(video_latents, output, decode_chunk_size)
+        return frames if batched else frames[0]
+
+    def _finish(self, video_latents: jax.Array, output: str, decode_chunk_size: int | None) -> np.ndarray:
+        if output == "latent":
+            return np.asarray(video_latents)
+        frames = self.decode(video_latents, decode_chunk_size)
+        return frames if output == "float" else np.round(frames * 255).astype(np.uint8)
+
+
+def _check_output(output: str) -> None:
+    if output not in ("uint8", "float", "latent"):
+        raise ValueError(f"output={output!r}; choose 'uint8', 'float' or 'latent'.")
+
+
+def _sample_keys(key: jax.Array | None, first_index: int, n: int) -> tuple[jax.Array, jax.Array]:
+    """(augmentation keys, sampler keys), each `[n]`: sample i derives both from `fold_in(key, first_index + i)`."""
+    if key is None:
+        seed = secrets.randbits(31)
+        log.info("sampling with seed %d", seed)
+        key = jax.random.key(seed)
+    sample_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(first_index + jnp.arange(n))
+    return tuple(jax.vmap(lambda k: jax.random.split(k)[j])(sample_keys) for j in (0, 1))
+
+
+def _method_config(spec, *, num_steps: int | None, **fields: Any):
+    """The method's config with the pipeline's fields and the caller's options (unknown names refused)."""
+    if num_steps is not None:
+        fields["num_steps"] = num_steps
+    known = {f.name for f in dataclasses.fields(spec.config())}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"{spec.name} has no option(s) {unknown}; its options are {sorted(known)}.")
+    return spec.config(**fields)
 
 
 @contextlib.contextmanager

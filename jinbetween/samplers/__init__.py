@@ -1,6 +1,64 @@
-"""Samplers: pure functions of (models, keyframe conditioning, PRNG keys, static config) under jax.jit."""
+"""Samplers: pure functions of (models, keyframe conditioning, PRNG keys, static config) under jax.jit.
 
-from jinbetween.samplers.core import denoise, guided_velocity, per_frame_guidance, sampling_progress
+`METHODS` lists the inbetweening samplers by their CLI name with the conventions of each method's
+official code: its config class, the frame rate it conditions on, and whether the two keyframes
+share one noise-augmentation draw.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from jinbetween.samplers.core import (Draws, StepProgram, count_unet_calls, denoise, draws_from_keys,
+                                      guided_velocity, per_frame_guidance, sampling_progress)
+from jinbetween.samplers.gi import GIConfig, sample_gi
 from jinbetween.samplers.i2v import I2VConfig, sample_i2v
+from jinbetween.samplers.mpd import MPDConfig, sample_mpd
+from jinbetween.samplers.trf import TRFConfig, sample_trf
+from jinbetween.samplers.vibid import ViBiDConfig, sample_vibid
 
-__all__ = ["I2VConfig", "denoise", "guided_velocity", "per_frame_guidance", "sample_i2v", "sampling_progress"]
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """An inbetweening method: how to configure and call its sampler, and its conditioning conventions."""
+
+    name: str
+    config: Callable[..., Any]  # keyword overrides → the sampler's frozen config
+    sample: Callable[..., Any]  # (unet, start, end, keys, cfg, [delta,] draws=None) → latents
+    fps: float  # frame rate the UNet is conditioned on (fps − 1 is the micro-condition)
+    shared_aug_noise: bool  # one noise-augmentation draw for both keyframes (diffusers-based code)
+    calls_per_move: dict[int, int]  # UNet calls per move kind
+    uses_delta: bool = False
+
+
+def _calls(module) -> dict[int, int]:
+    return dict(module.UNET_CALLS)
+
+
+def _methods() -> dict[str, Method]:
+    from jinbetween.samplers import bidirectional, gi, trf
+
+    return {m.name: m for m in (
+        Method("gi", GIConfig, sample_gi, fps=7, shared_aug_noise=True, calls_per_move=_calls(gi), uses_delta=True),
+        Method("trf", TRFConfig, sample_trf, fps=7, shared_aug_noise=True, calls_per_move=_calls(trf)),
+        Method("mpd", MPDConfig, sample_mpd, fps=9, shared_aug_noise=False, calls_per_move=_calls(bidirectional)),
+        Method("mpd-seq", MPDConfig.sequential, sample_mpd, fps=9, shared_aug_noise=False,
+               calls_per_move=_calls(bidirectional)),
+        Method("vibid", ViBiDConfig, sample_vibid, fps=7, shared_aug_noise=False,
+               calls_per_move=_calls(bidirectional)),
+    )}
+
+
+METHODS: dict[str, Method] = _methods()
+
+
+def unet_calls(method: str, cfg: Any) -> int:
+    """Returns how many UNet evaluations (each on a `[uncond; cond]` batch) `method` makes with `cfg`."""
+    program = cfg.program()
+    return sum(program.count(kind) * calls for kind, calls in METHODS[method].calls_per_move.items())
+
+
+__all__ = ["METHODS", "Draws", "GIConfig", "I2VConfig", "MPDConfig", "Method", "StepProgram", "TRFConfig",
+           "ViBiDConfig", "count_unet_calls", "denoise", "draws_from_keys", "guided_velocity", "per_frame_guidance",
+           "sample_gi", "sample_i2v", "sample_mpd", "sample_trf", "sample_vibid", "sampling_progress", "unet_calls"]

@@ -12,7 +12,9 @@ from jinbetween import schedule
 from jinbetween.conditioning import Conditioning
 from jinbetween.models.state import ModelState
 from jinbetween.models.unet import UNet
-from jinbetween.samplers.core import denoise, per_frame_guidance, report_step
+from jinbetween.samplers.core import Move, StepProgram, denoise, initial_draw, per_frame_guidance, run_program
+
+DENOISE = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,10 +34,10 @@ class I2VConfig:
         """Classifier-free guidance is on iff max_guidance_scale > 1 (as in diffusers)."""
         return self.max_guidance_scale > 1
 
-
-def initial_noise(keys: jax.Array, num_frames: int, latent_shape: tuple[int, ...]) -> jax.Array:
-    """Returns `[B, F, h, w, C]` standard-normal draws, one per key of `keys [B]`: independent of batch size."""
-    return jax.vmap(lambda k: jax.random.normal(k, (num_frames, *latent_shape)))(keys)
+    def program(self) -> StepProgram:
+        """One Euler move per step."""
+        sigmas = schedule.karras_sigmas(self.num_steps, self.sigma_min, self.sigma_max)
+        return StepProgram.build([Move(DENOISE, i) for i in range(self.num_steps)], sigmas)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -47,19 +49,12 @@ def sample_i2v(unet: ModelState[UNet], cond: Conditioning, keys: jax.Array, cfg:
     noise: optional `[B, F, h, w, C]` standard-normal initial draw replacing the keys' (for parity harnesses).
     """
     if noise is None:
-        noise = initial_noise(keys, cfg.num_frames, cond.image_latent.shape[1:])
-    sigmas = schedule.karras_sigmas(cfg.num_steps, cfg.sigma_min, cfg.sigma_max)
+        noise = initial_draw(keys, (cfg.num_frames, *cond.image_latent.shape[1:]))
     guidance = (jnp.asarray(per_frame_guidance(cfg.min_guidance_scale, cfg.max_guidance_scale, noise.shape[1]))
                 if cfg.guided else None)
 
-    def step(x, program):
-        index, sigma, sigma_next = program
-        x0 = denoise(unet, x, sigma, cond, guidance)
-        if cfg.progress:
-            report_step(index)
-        return schedule.euler_step(x, x0, sigma, sigma_next), None
+    def euler(x, move, fresh):
+        return schedule.euler_step(x, denoise(unet, x, move.sigma, cond, guidance), move.sigma, move.sigma_next)
 
     x = noise * jnp.float32(schedule.init_noise_sigma(cfg.sigma_max))
-    program = (jnp.arange(cfg.num_steps), jnp.asarray(sigmas[:-1]), jnp.asarray(sigmas[1:]))
-    x, _ = jax.lax.scan(step, x, program)
-    return x
+    return run_program(euler, x, cfg.program(), keys, progress=cfg.progress)
