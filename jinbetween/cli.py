@@ -1,43 +1,86 @@
-"""`jinbetween` command line: `convert` weights, `i2v` (image to video); more commands follow the samplers."""
+"""`jinbetween` command line: `convert` weights, `interpolate` between two keyframes, `i2v` (image to video)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
-from jinbetween.errors import JinbetweenError
+from jinbetween.errors import ConfigError, JinbetweenError
 from jinbetween.video import RESIZE_MODES
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--repo", help="Hugging Face repo id, e.g. stabilityai/stable-video-diffusion-img2vid-xt")
-    source.add_argument("--local-dir", help="a local diffusers SVD pipeline folder, or a lone unet/ folder "
-                                            "(e.g. GI's fine-tuned UNet)")
+    source.add_argument("--local-dir", help="a local diffusers SVD pipeline folder, or a lone model folder such as "
+                                            "unet/")
     parser.add_argument("--revision", help="git revision of --repo (branch, tag or commit)")
     parser.add_argument("--variant", help="weights variant, e.g. fp16 (reads diffusion_pytorch_model.fp16.safetensors)")
     parser.add_argument("--out", required=True, help="output dir, e.g. weights/svd-xt")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                        help="storage dtype of the converted parameters (default float32: exact for fp16 sources)")
+                        help="storage dtype of the converted parameters (default float32: exact for fp16 sources; "
+                             "the GI delta is always float32)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="also read pickled .bin weights (can execute code: only for trusted sources)")
+    gi = parser.add_argument_group("GI backward model", "GI's fine-tuned UNet as a delta on its base: OUT/gi_backward")
+    gi.add_argument("--gi-unet", metavar="PATH",
+                    help="GI's fine-tuned diffusers unet/ folder (or the folder holding it), e.g. "
+                         "checkpoints/svd_reverse_motion_with_attnflip/unet; alone, or with --repo/--local-dir to "
+                         "write the pipeline and the delta into the same --out")
+    gi.add_argument("--gi-base", metavar="REPO_OR_PATH",
+                    help="the UNet --gi-unet was fine-tuned from: a Hugging Face repo id (only its unet/ is "
+                         "downloaded) or a local SVD pipeline or unet/ folder; for GI's release "
+                         "stabilityai/stable-video-diffusion-img2vid (the 14-frame SVD, not SVD-XT)")
+    gi.add_argument("--gi-variant", help="weights variant of --gi-unet (default: the plain safetensors file)")
+    gi.add_argument("--gi-base-variant", help="weights variant of --gi-base, e.g. fp16")
+    gi.add_argument("--gi-atol", type=float, default=0.0,
+                    help="largest difference allowed between the untrained tensors of --gi-unet and --gi-base "
+                         "(default 0: they must be equal)")
+    parser.set_defaults(convert_parser=parser)
+
+
+def check_convert_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """Returns `args` if they name something to convert; otherwise exits with an argparse usage error."""
+    error = args.convert_parser.error
+    if args.gi_unet and not args.gi_base:
+        error("--gi-unet needs --gi-base, the UNet it was fine-tuned from (for GI's release: "
+              "--gi-base stabilityai/stable-video-diffusion-img2vid)")
+    if args.gi_base and not args.gi_unet:
+        error("--gi-base is the base of --gi-unet; pass --gi-unet too")
+    if not (args.repo or args.local_dir or args.gi_unet):
+        error("nothing to convert: pass --repo or --local-dir (an SVD pipeline), --gi-unet with --gi-base (GI's "
+              "backward model as a delta), or both")
+    return args
 
 
 def run_convert(args: argparse.Namespace) -> None:
     from jinbetween import conversion
 
-    if args.repo:
-        folder = conversion.download_pipeline(args.repo, revision=args.revision, variant=args.variant,
-                                              allow_pickle=args.allow_pickle)
-        source_name = f"hf://{args.repo}" + (f"@{args.revision}" if args.revision else "")
-    else:
-        folder, source_name = args.local_dir, None
-    out = conversion.convert_pipeline(folder, args.out, variant=args.variant, dtype=DTYPES[args.dtype],
-                                      allow_pickle=args.allow_pickle, source_name=source_name)
-    print(f"converted {source_name or folder} -> {out}")
+    check_convert_arguments(args)
+    if args.repo or args.local_dir:
+        if args.repo:
+            folder = conversion.download_pipeline(args.repo, revision=args.revision, variant=args.variant,
+                                                  allow_pickle=args.allow_pickle)
+            source_name = f"hf://{args.repo}" + (f"@{args.revision}" if args.revision else "")
+        else:
+            folder, source_name = args.local_dir, None
+        out = conversion.convert_pipeline(folder, args.out, variant=args.variant, dtype=DTYPES[args.dtype],
+                                          allow_pickle=args.allow_pickle, source_name=source_name)
+        print(f"converted {source_name or folder} -> {out}")
+    if args.gi_unet:
+        if Path(args.gi_base).exists():
+            base, base_name = args.gi_base, None
+        else:  # not a local folder: a hub repo id
+            base = conversion.download_unet(args.gi_base, variant=args.gi_base_variant, allow_pickle=args.allow_pickle)
+            base_name = f"hf://{args.gi_base}"
+        delta = conversion.convert_gi_delta(args.gi_unet, base, args.out, variant=args.gi_variant,
+                                            base_variant=args.gi_base_variant, allow_pickle=args.allow_pickle,
+                                            atol=args.gi_atol, base_name=base_name)
+        print(f"converted {args.gi_unet} as a delta on {base_name or base} -> {delta}")
 
 
 def add_i2v_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +127,87 @@ def run_i2v(args: argparse.Namespace) -> None:
         print(f"wrote {video.contact_sheet([frames], args.sheet)}")
 
 
+def add_interpolate_arguments(parser: argparse.ArgumentParser) -> None:
+    from jinbetween.samplers import METHODS
+
+    parser.add_argument("start", help="the first keyframe (PNG, JPEG, ...)")
+    parser.add_argument("end", help="the last keyframe")
+    parser.add_argument("--weights", required=True, help="converted weights dir or diffusers SVD pipeline folder")
+    parser.add_argument("--method", choices=sorted(METHODS), default="gi",
+                        help="gi: Generative Inbetweening (needs a backward delta); trf: Time Reversal Fusion; "
+                             "mpd / mpd-seq: Motion Prior Distillation on the TRF-like / ViBiD base; vibid: "
+                             "ViBiDSampler (default gi)")
+    parser.add_argument("--out", default="out.mp4", help="output video, .mp4 or .gif (default out.mp4)")
+    parser.add_argument("--sheet", help="PNG contact sheet of the frames (default: beside --out, *_sheet.png)")
+    parser.add_argument("--height", type=int, help="video height, a multiple of 64 (default 576, or 1024 portrait)")
+    parser.add_argument("--width", type=int, help="video width, a multiple of 64 (default 1024, or 576 portrait)")
+    parser.add_argument("--resize", choices=RESIZE_MODES, default="crop",
+                        help="how to fit the keyframes to height×width (default crop)")
+    parser.add_argument("--num-frames", type=int, help="frames to generate, keyframes included (default: the "
+                                                       "model's, 25 for SVD-XT)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the method's, 50 for GI and TRF, 25 for "
+                                                  "MPD and ViBiD)")
+    parser.add_argument("--fps", type=float, help="frame rate the model is conditioned on and the video is written "
+                                                  "at (default: the method's, 7, or 9 for MPD)")
+    parser.add_argument("--motion-bucket-id", type=float, default=127, help="more motion when higher (default 127)")
+    parser.add_argument("--noise-aug-strength", type=float, default=0.02, help="keyframe noise level (0.02)")
+    parser.add_argument("--decode-chunk-size", type=int, help="frames decoded at once (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                        help="parameter dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    parser.add_argument("--backward-delta", metavar="PATH",
+                        help="GI backward delta to use (default: WEIGHTS/gi_backward when it exists)")
+    parser.add_argument("--allow-untrained-backward", action="store_true",
+                        help="run GI without a backward delta (the paper's 'w/o fine-tuning' ablation)")
+    parser.add_argument("--set", dest="options", action="append", default=[], metavar="NAME=VALUE",
+                        help="a field of the method's config, e.g. --set noise_injection_steps=0 (GI) or "
+                             "--set faithful=true (TRF); repeatable")
+
+
+def parse_options(pairs: list[str]) -> dict[str, object]:
+    """{name: value} from NAME=VALUE strings; values are Python literals (true/false/none accepted), else text."""
+    import ast
+
+    options: dict[str, object] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--set {pair!r}: write NAME=VALUE, e.g. --set noise_injection_steps=0.")
+        text = {"true": "True", "false": "False", "none": "None"}.get(text.lower(), text)
+        try:
+            options[name.strip()] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            options[name.strip()] = text
+    return options
+
+
+def run_interpolate(args: argparse.Namespace) -> None:
+    import jax
+
+    from jinbetween import video
+    from jinbetween.pipeline import Pipeline
+    from jinbetween.samplers import METHODS
+
+    options = parse_options(args.options)
+    start, end = video.read_keyframe(args.start), video.read_keyframe(args.end)
+    pipe = Pipeline.from_pretrained(args.weights, dtype=None if args.dtype == "auto" else DTYPES[args.dtype])
+    if args.backward_delta:
+        pipe.load_backward_delta(args.backward_delta)
+    height, width = pipe.default_size if start.shape[1] >= start.shape[0] else pipe.default_size[::-1]
+    height, width = args.height or height, args.width or width
+    video.check_size(height, width, pipe.size_multiple)
+    fps = args.fps or METHODS[args.method].fps
+    frames = pipe.interpolate(
+        video.fit_image(start, height, width, args.resize), video.fit_image(end, height, width, args.resize),
+        method=args.method, key=jax.random.key(args.seed), num_frames=args.num_frames,
+        num_inference_steps=args.steps, fps=fps, motion_bucket_id=args.motion_bucket_id,
+        noise_aug_strength=args.noise_aug_strength, decode_chunk_size=args.decode_chunk_size, progress=True,
+        allow_untrained_backward=args.allow_untrained_backward, **options)
+    out = video.write_video(frames, args.out, fps=fps)
+    sheet = video.contact_sheet([frames], args.sheet or Path(out).with_name(Path(out).stem + "_sheet.png"))
+    print(f"wrote {out} ({args.method}, {len(frames)} frames, {height}×{width}) and {sheet}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jinbetween", description="Generative inbetweening with SVD in JAX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -93,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
                                               "into orbax checkpoints with a manifest.")
     add_convert_arguments(convert)
     convert.set_defaults(run=run_convert)
+    interpolate = commands.add_parser(
+        "interpolate", help="generate the video between two keyframes (GI, TRF, MPD, ViBiD)",
+        description="Generative inbetweening: the frames between START and END with SVD and the chosen method.")
+    add_interpolate_arguments(interpolate)
+    interpolate.set_defaults(run=run_interpolate)
     i2v = commands.add_parser("i2v", help="generate a video that starts at an image (plain SVD)",
                               description="Image to video with Stable Video Diffusion: EDM Euler sampling with "
                                           "per-frame classifier-free guidance, as diffusers' pipeline.")

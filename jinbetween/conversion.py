@@ -6,7 +6,8 @@ every shape checked before any tensor data is read; half-precision tensors are u
 before any cast to the target dtype.
 
 A converted dir holds `manifest.json` (configs, sources, sha256 of the source files, dtype) and one
-orbax checkpoint per component (`unet/`, ...).
+orbax checkpoint per component (`unet/`, ...), and may hold GI's backward model as a weight delta
+(`gi_backward/`, see `jinbetween.delta`) made by `convert_gi_delta`.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from tqdm.auto import tqdm
 
 from jinbetween.checkpoint import restore_tree, save_tree
 from jinbetween.config import ImageEncoderConfig, UNetConfig, VAEConfig
-from jinbetween.errors import (CorruptWeightsError, KeyMismatchError, PickleRefusedError, ShapeMismatchError,
-                               WeightsNotFoundError)
+from jinbetween.delta import BACKWARD_DELTA, check_delta, delta_between, delta_keys, delta_shapes, save_delta
+from jinbetween.errors import (ConfigError, CorruptWeightsError, DeltaMismatchError, KeyMismatchError,
+                               PickleRefusedError, ShapeMismatchError, WeightsNotFoundError)
 from jinbetween.models.image_encoder import abstract_image_encoder
 from jinbetween.models.unet import abstract_unet
 from jinbetween.models.vae import abstract_vae
@@ -311,15 +313,20 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
+def record_in_manifest(out_dir: Path, name: str, entry: dict[str, Any]) -> None:
+    """Sets `name`'s entry in `out_dir/manifest.json` (created if absent), keeping the other entries."""
+    manifest_file = out_dir / MANIFEST
+    manifest = read_manifest(out_dir) if manifest_file.exists() else {"format_version": MANIFEST_VERSION,
+                                                                       "components": {}}
+    manifest["components"][name] = entry
+    manifest_file.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
 def write_component(out_dir: Path, component: str, params: Mapping[Path_, np.ndarray], entry: dict[str, Any]) -> None:
     """Saves one component's parameters under `out_dir/component` and records it in the manifest."""
     out_dir.mkdir(parents=True, exist_ok=True)
     save_tree(out_dir / component, nested(params))
-    manifest_file = out_dir / MANIFEST
-    manifest = read_manifest(out_dir) if manifest_file.exists() else {"format_version": MANIFEST_VERSION,
-                                                                       "components": {}}
-    manifest["components"][component] = entry
-    manifest_file.write_text(json.dumps(manifest, indent=2) + "\n")
+    record_in_manifest(out_dir, component, entry)
 
 
 def restore_component(folder: Path, component: str, abstract: nnx.Module, dtype) -> nnx.Module:
@@ -460,31 +467,47 @@ def convert_component(folder: Path, out_dir: Path, component: Component, *, vari
 # Whole pipelines: a Hugging Face repo or a local diffusers folder ──► weights/NAME.
 
 
+def component_patterns(component: Component, variant: str | None, allow_pickle: bool = False) -> list[str]:
+    """Hub file patterns of one component's config and weights (single, sharded, and pickled if allowed)."""
+    c, suffix = component, f".{variant}" if variant else ""
+    patterns = [f"{c.name}/config.json", f"{c.name}/{c.stem}{suffix}.safetensors",
+                f"{c.name}/{c.stem}.safetensors.index{suffix}.json", f"{c.name}/{c.stem}{suffix}-*.safetensors"]
+    if allow_pickle:
+        patterns += [f"{c.name}/{c.stem}{suffix}.bin", f"{c.name}/{c.stem}{suffix}-*.bin"]
+    return patterns
+
+
 def hub_allow_patterns(variant: str | None, allow_pickle: bool = False) -> list[str]:
     """Files of an SVD pipeline repo that conversion reads (nothing else is downloaded)."""
-    suffix = f".{variant}" if variant else ""
     patterns = list(PIPELINE_CONFIGS.values())
     for c in COMPONENTS:
-        patterns += [f"{c.name}/config.json", f"{c.name}/{c.stem}{suffix}.safetensors",
-                     f"{c.name}/{c.stem}.safetensors.index{suffix}.json", f"{c.name}/{c.stem}{suffix}-*.safetensors"]
-        if allow_pickle:
-            patterns += [f"{c.name}/{c.stem}{suffix}.bin", f"{c.name}/{c.stem}{suffix}-*.bin"]
+        patterns += component_patterns(c, variant, allow_pickle)
     return patterns
+
+
+def _snapshot(repo_id: str, revision: str | None, patterns: list[str], local_option: str) -> Path:
+    import huggingface_hub
+
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as err:  # the hub client raises many types (network, auth, gated repo, missing revision)
+        raise WeightsNotFoundError(
+            f"Could not download {repo_id}{'@' + revision if revision else ''} from the Hugging Face hub: {err}\n"
+            "SVD repos are gated: accept the licence on the model page, run `huggingface-cli login`, check the "
+            f"network, or download the folder yourself and pass {local_option}.") from err
 
 
 def download_pipeline(repo_id: str, *, revision: str | None = None, variant: str | None = None,
                       allow_pickle: bool = False) -> Path:
     """Downloads the files conversion needs from the Hugging Face hub; returns the local snapshot folder."""
-    import huggingface_hub
+    return _snapshot(repo_id, revision, hub_allow_patterns(variant, allow_pickle), "--local-dir")
 
-    try:
-        return Path(huggingface_hub.snapshot_download(
-            repo_id=repo_id, revision=revision, allow_patterns=hub_allow_patterns(variant, allow_pickle)))
-    except Exception as err:  # the hub client raises many types (network, auth, gated repo, missing revision)
-        raise WeightsNotFoundError(
-            f"Could not download {repo_id}{'@' + revision if revision else ''} from the Hugging Face hub: {err}\n"
-            "SVD repos are gated: accept the licence on the model page, run `huggingface-cli login`, check the "
-            "network, or download the folder yourself and pass --local-dir.") from err
+
+def download_unet(repo_id: str, *, revision: str | None = None, variant: str | None = None,
+                  allow_pickle: bool = False) -> Path:
+    """Downloads only an SVD repo's `unet/` config and weights; returns the snapshot folder (holding `unet/`)."""
+    return _snapshot(repo_id, revision, component_patterns(UNET_COMPONENT, variant, allow_pickle),
+                     "its path as --gi-base")
 
 
 def convert_pipeline(folder: str | os.PathLike, out_dir: str | os.PathLike, *, variant: str | None = None,
@@ -518,3 +541,124 @@ def convert_pipeline(folder: str | os.PathLike, out_dir: str | os.PathLike, *, v
                             if (folder / rel).exists()}
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out_dir
+
+
+# --------------------------------------------------------------------------------------------------
+# GI's backward model: a fine-tuned diffusers UNet ──► a weight delta on its base (`weights/NAME/gi_backward`).
+
+GI_BASE_REPO = "stabilityai/stable-video-diffusion-img2vid"
+# Config fields that size no parameter: a fine-tune may change them (e.g. its frame count) and stay a delta.
+_PARAMETER_FREE_UNET_FIELDS = ("num_frames", "sample_size")
+
+
+def _existing_unet_folder(path: str | os.PathLike, role: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise WeightsNotFoundError(f"The {role} UNet {path} does not exist; pass a diffusers unet/ folder or an SVD "
+                                   "pipeline folder that holds one.")
+    return component_folder(path, UNET_COMPONENT)
+
+
+def _config_differences(finetuned: UNetConfig, base: UNetConfig) -> dict[str, tuple[Any, Any]]:
+    """Returns {field: (fine-tuned value, base value)} for every diffusers config field where the two differ."""
+    a, b = finetuned.to_diffusers(), base.to_diffusers()
+    return {key: (a[key], b[key]) for key in a if a[key] != b[key]}
+
+
+def _describe(differences: Mapping[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{key} {ft} vs {base}" for key, (ft, base) in differences.items())
+
+
+def _read_unet(folder: Path, target: Mapping[Path_, Any], variant: str | None, allow_pickle: bool,
+               model: str) -> tuple[dict[str, np.ndarray], list[Path]]:
+    """Returns ({torch key: float32 array in NNX layout} of every UNet tensor, the weight files read)."""
+    source = TensorSource.from_folder(folder, UNET_COMPONENT.stem, variant, allow_pickle)
+    params = convert_tensors(source, target, model=model, progress=True)
+    return {torch_key(path): value for path, value in params.items()}, source.files
+
+
+def _frozen_differences(finetuned: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], trained: set[str],
+                        atol: float) -> list[tuple[str, float]]:
+    """Returns (key, max |difference|) of each tensor outside `trained` differing by more than `atol`, largest first."""
+    differences = []
+    for key, value in finetuned.items():
+        if key not in trained:
+            difference = float(np.max(np.abs(value - base[key]), initial=0.0))
+            if not difference <= atol:  # NaN counts as a difference
+                differences.append((key, difference))
+    return sorted(differences, key=lambda item: -item[1])
+
+
+def _check_fits_converted_unet(out_dir: Path, cfg: UNetConfig, gi_folder: Path) -> None:
+    """Raises KeyMismatchError / ShapeMismatchError if a delta of `cfg` does not fit the UNet converted in `out_dir`."""
+    converted = read_manifest(out_dir)["components"].get(UNET_COMPONENT.name)
+    if converted is not None:
+        placeholders = {key: np.broadcast_to(np.float32(0), shape) for key, shape in delta_shapes(cfg).items()}
+        check_delta(placeholders, UNetConfig.from_diffusers(converted["config"]),
+                    f"The delta of {gi_folder} (for the UNet converted in {out_dir})")
+
+
+def convert_gi_delta(gi_unet: str | os.PathLike, base: str | os.PathLike, out_dir: str | os.PathLike, *,
+                     variant: str | None = None, base_variant: str | None = None, allow_pickle: bool = False,
+                     atol: float = 0.0, source_name: str | None = None, base_name: str | None = None) -> Path:
+    """Returns `out_dir/gi_backward`, where it wrote Δ = fine-tuned − base over the delta keys (`jinbetween.delta`).
+
+    `gi_unet` is GI's fine-tuned `unet/` folder (or a folder holding one), `base` the diffusers SVD folder it was
+    fine-tuned from (for GI's release, `stabilityai/stable-video-diffusion-img2vid`: the 14-frame SVD). Every
+    tensor outside the delta keys must be equal in both (within `atol`), else DeltaMismatchError lists them. The
+    delta is recorded in `out_dir/manifest.json`; if `out_dir` already holds a converted UNet, the delta must fit it.
+    `source_name` / `base_name` are what the records call the two sources (default: their paths).
+    """
+    gi_folder, base_folder = _existing_unet_folder(gi_unet, "fine-tuned"), _existing_unet_folder(base, "base")
+    out_dir = Path(out_dir)
+    config_dict = _read_json(gi_folder / "config.json")
+    cfg = UNET_COMPONENT.parse_config(config_dict)
+    base_cfg = UNET_COMPONENT.parse_config(_read_json(base_folder / "config.json"))
+    differences = _config_differences(cfg, base_cfg)
+    architectural = {k: v for k, v in differences.items() if k not in _PARAMETER_FREE_UNET_FIELDS}
+    if architectural:
+        raise ConfigError(
+            f"The fine-tuned UNet {gi_folder} and the base {base_folder} have different architectures "
+            f"({_describe(architectural)}), so one was not fine-tuned from the other. Pass the UNet it was "
+            f"fine-tuned from as the base (for GI's released UNet: {GI_BASE_REPO}).")
+    if differences:
+        log.info("fine-tuned and base configs differ only in fields without parameters: %s", _describe(differences))
+    if (out_dir / MANIFEST).exists():
+        _check_fits_converted_unet(out_dir, cfg, gi_folder)
+
+    target = flat_params(abstract_unet(cfg))
+    finetuned, gi_files = _read_unet(gi_folder, target, variant, allow_pickle, "fine-tuned UNet")
+    base_params, base_files = _read_unet(base_folder, target, base_variant, allow_pickle, "base UNet")
+    trained = set(delta_keys(cfg))
+    frozen = _frozen_differences(finetuned, base_params, trained, atol)
+    if frozen:
+        listed = [f"{key}: max |difference| {difference:.3g}" for key, difference in frozen]
+        frames = (" (their configs' num_frames differ too: {} vs {})".format(*differences["num_frames"])
+                  if "num_frames" in differences else "")
+        raise DeltaMismatchError(
+            f"The fine-tuned UNet {gi_folder} was not made from the base {base_folder}: {len(frozen)} of the "
+            f"{len(finetuned) - len(trained)} tensors outside the temporal attn1 to_v/to_out.0 weights differ"
+            f"{f' by more than {atol:g}' if atol else ''}{frames}:{_listing(listed)}\n"
+            f"A backward delta changes only those {len(trained)} weights, so the base must be the exact UNet the "
+            f"fine-tune started from. GI's released UNet was fine-tuned from {GI_BASE_REPO} (the 14-frame SVD), "
+            f"not from SVD-XT: pass --gi-base {GI_BASE_REPO} or its local folder. If the differences are only "
+            "rounding (one side stored in fp16), read the base in the same precision (--gi-base-variant) or allow "
+            "a tolerance (--gi-atol).", frozen)
+
+    delta = delta_between(finetuned, base_params, cfg)
+    zero = sum(not np.any(value) for value in delta.values())
+    if zero == len(delta):
+        log.warning("all %d delta tensors are zero: %s equals the base %s on the trained weights, so the backward "
+                    "model will be the base model", len(delta), gi_folder, base_folder)
+    else:
+        log.info("delta: %d tensors, %d all zero, max |Δ| %.3g", len(delta), zero,
+                 max(float(np.abs(value).max()) for value in delta.values()))
+    record = {"source": source_name or str(gi_folder), "base": base_name or str(base_folder), "variant": variant,
+              "base_variant": base_variant, "atol": atol, "files": {f.name: sha256_of(f) for f in gi_files},
+              "base_files": {f.name: sha256_of(f) for f in base_files}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = save_delta(out_dir / BACKWARD_DELTA, delta, cfg, **record)
+    record_in_manifest(out_dir, BACKWARD_DELTA, {"kind": "delta", "config": config_dict, **record,
+                                                 "num_tensors": len(delta), "zero_tensors": zero})
+    log.info("wrote %s (%d tensors)", path, len(delta))
+    return path

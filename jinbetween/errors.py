@@ -44,3 +44,11 @@ class ShapeMismatchError(JinbetweenError):
 
 class ImageError(JinbetweenError):
     """A keyframe file is missing, unreadable or not an image."""
+
+
+class DeltaMismatchError(JinbetweenError):
+    """A fine-tuned model differs from its stated base outside the tensors a weight delta may change."""
+
+    def __init__(self, message: str, differences: list[tuple[str, float]]):
+        super().__init__(message)
+        self.differences = differences
