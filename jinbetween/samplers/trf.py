@@ -56,7 +56,9 @@ class TRFConfig:
     faithful: reproduce the official pipeline's stale input scaling: on the first denoising move after
     a jump its UNet input is scaled with c_in of the σ following the previous denoising move (σ10
     instead of σ5 at the defaults, ~2× too large), because `scale_model_input` reads the scheduler's
-    step index before the pipeline sets it. Off by default (the mathematically intended sampler).
+    step index before the pipeline sets it. Off by default (the mathematically intended sampler). The
+    official runs' other deviation, diffusers 0.24's CFG-half mix-up in the temporal cross-attention
+    context, is not reproduced: the UNet here always uses the corrected (batch-major) order.
     """
 
     num_frames: int = 25
