@@ -83,39 +83,53 @@ def run_convert(args: argparse.Namespace) -> None:
         print(f"converted {args.gi_unet} as a delta on {base_name or base} -> {delta}")
 
 
-def add_i2v_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("image", help="the first frame (PNG, JPEG, ...)")
+def add_video_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the generating commands (weights, output, size, conditioning, seed, dtype)."""
     parser.add_argument("--weights", required=True, help="converted weights dir or diffusers SVD pipeline folder")
     parser.add_argument("--out", default="out.mp4", help="output video, .mp4 or .gif (default out.mp4)")
-    parser.add_argument("--sheet", help="also write a PNG contact sheet of the frames here")
     parser.add_argument("--height", type=int, help="video height, a multiple of 64 (default 576, or 1024 portrait)")
     parser.add_argument("--width", type=int, help="video width, a multiple of 64 (default 1024, or 576 portrait)")
     parser.add_argument("--resize", choices=RESIZE_MODES, default="crop",
-                        help="how to fit the image to height×width (default crop)")
-    parser.add_argument("--num-frames", type=int, help="frames to generate (default: the model's, 25 for SVD-XT)")
-    parser.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    parser.add_argument("--fps", type=float, default=7, help="frame rate, conditions the motion and the output (7)")
+                        help="how to fit the keyframes to height×width (default crop)")
     parser.add_argument("--motion-bucket-id", type=float, default=127, help="more motion when higher (default 127)")
     parser.add_argument("--noise-aug-strength", type=float, default=0.02, help="keyframe noise level (0.02)")
-    parser.add_argument("--min-guidance", type=float, default=1.0, help="guidance at the first frame (1.0)")
-    parser.add_argument("--max-guidance", type=float, default=3.0, help="guidance at the last frame (3.0)")
     parser.add_argument("--decode-chunk-size", type=int, help="frames decoded at once (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
                         help="parameter dtype (auto: bfloat16 on GPU, float32 on CPU)")
 
 
+def load_and_size(args: argparse.Namespace, first_frame):
+    """Returns (Pipeline, height, width): the weights in the chosen dtype and the checked video size
+    (default: the pipeline's, turned portrait for a portrait keyframe)."""
+    from jinbetween import video
+    from jinbetween.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(args.weights, dtype=None if args.dtype == "auto" else DTYPES[args.dtype])
+    height, width = pipe.default_size if first_frame.shape[1] >= first_frame.shape[0] else pipe.default_size[::-1]
+    height, width = args.height or height, args.width or width
+    video.check_size(height, width, pipe.size_multiple)
+    return pipe, height, width
+
+
+def add_i2v_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", help="the first frame (PNG, JPEG, ...)")
+    add_video_arguments(parser)
+    parser.add_argument("--sheet", help="also write a PNG contact sheet of the frames here")
+    parser.add_argument("--num-frames", type=int, help="frames to generate (default: the model's, 25 for SVD-XT)")
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    parser.add_argument("--fps", type=float, default=7, help="frame rate, conditions the motion and the output (7)")
+    parser.add_argument("--min-guidance", type=float, default=1.0, help="guidance at the first frame (1.0)")
+    parser.add_argument("--max-guidance", type=float, default=3.0, help="guidance at the last frame (3.0)")
+
+
 def run_i2v(args: argparse.Namespace) -> None:
     import jax
 
     from jinbetween import video
-    from jinbetween.pipeline import Pipeline
 
     image = video.read_keyframe(args.image)
-    pipe = Pipeline.from_pretrained(args.weights, dtype=None if args.dtype == "auto" else DTYPES[args.dtype])
-    height, width = pipe.default_size if image.shape[1] >= image.shape[0] else pipe.default_size[::-1]
-    height, width = args.height or height, args.width or width
-    video.check_size(height, width, pipe.size_multiple)
+    pipe, height, width = load_and_size(args, image)
     frames = pipe.image_to_video(
         video.fit_image(image, height, width, args.resize), key=jax.random.key(args.seed),
         num_frames=args.num_frames, num_inference_steps=args.steps, fps=args.fps,
@@ -132,29 +146,18 @@ def add_interpolate_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("start", help="the first keyframe (PNG, JPEG, ...)")
     parser.add_argument("end", help="the last keyframe")
-    parser.add_argument("--weights", required=True, help="converted weights dir or diffusers SVD pipeline folder")
+    add_video_arguments(parser)
     parser.add_argument("--method", choices=sorted(METHODS), default="gi",
                         help="gi: Generative Inbetweening (needs a backward delta); trf: Time Reversal Fusion; "
                              "mpd / mpd-seq: Motion Prior Distillation on the TRF-like / ViBiD base; vibid: "
                              "ViBiDSampler (default gi)")
-    parser.add_argument("--out", default="out.mp4", help="output video, .mp4 or .gif (default out.mp4)")
     parser.add_argument("--sheet", help="PNG contact sheet of the frames (default: beside --out, *_sheet.png)")
-    parser.add_argument("--height", type=int, help="video height, a multiple of 64 (default 576, or 1024 portrait)")
-    parser.add_argument("--width", type=int, help="video width, a multiple of 64 (default 1024, or 576 portrait)")
-    parser.add_argument("--resize", choices=RESIZE_MODES, default="crop",
-                        help="how to fit the keyframes to height×width (default crop)")
     parser.add_argument("--num-frames", type=int, help="frames to generate, keyframes included (default: the "
                                                        "model's, 25 for SVD-XT)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the method's, 50 for GI and TRF, 25 for "
                                                   "MPD and ViBiD)")
     parser.add_argument("--fps", type=float, help="frame rate the model is conditioned on and the video is written "
                                                   "at (default: the method's, 7, or 9 for MPD)")
-    parser.add_argument("--motion-bucket-id", type=float, default=127, help="more motion when higher (default 127)")
-    parser.add_argument("--noise-aug-strength", type=float, default=0.02, help="keyframe noise level (0.02)")
-    parser.add_argument("--decode-chunk-size", type=int, help="frames decoded at once (default: all)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
-                        help="parameter dtype (auto: bfloat16 on GPU, float32 on CPU)")
     parser.add_argument("--backward-delta", metavar="PATH",
                         help="GI backward delta to use (default: WEIGHTS/gi_backward when it exists)")
     parser.add_argument("--allow-untrained-backward", action="store_true",
@@ -185,17 +188,13 @@ def run_interpolate(args: argparse.Namespace) -> None:
     import jax
 
     from jinbetween import video
-    from jinbetween.pipeline import Pipeline
     from jinbetween.samplers import METHODS
 
     options = parse_options(args.options)
     start, end = video.read_keyframe(args.start), video.read_keyframe(args.end)
-    pipe = Pipeline.from_pretrained(args.weights, dtype=None if args.dtype == "auto" else DTYPES[args.dtype])
+    pipe, height, width = load_and_size(args, start)
     if args.backward_delta:
         pipe.load_backward_delta(args.backward_delta)
-    height, width = pipe.default_size if start.shape[1] >= start.shape[0] else pipe.default_size[::-1]
-    height, width = args.height or height, args.width or width
-    video.check_size(height, width, pipe.size_multiple)
     fps = args.fps or METHODS[args.method].fps
     frames = pipe.interpolate(
         video.fit_image(start, height, width, args.resize), video.fit_image(end, height, width, args.resize),

@@ -34,7 +34,7 @@ from jinbetween.errors import ConfigError
 from jinbetween.models.attention import AttnControl, rot180
 from jinbetween.models.state import ModelState
 from jinbetween.models.unet import UNet
-from jinbetween.samplers.core import flip_time
+from jinbetween.samplers.core import flip_time, unet_velocity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,14 +170,6 @@ def draw_noise(key: jax.Array, shape: tuple[int, ...], cfg: TrainConfig) -> tupl
     return jax.vmap(one)(jnp.arange(shape[0]))
 
 
-def _velocity(unet: ModelState[UNet], z: jax.Array, sigma: jax.Array, cond: Conditioning, attn: AttnControl):
-    """The UNet on `[c_in(σ_b)·z_b ; cond latent_b]` for latents `z [B, F, h, w, C]`, one σ per clip."""
-    scaled = z * schedule.c_in(sigma)[:, None, None, None, None]
-    frames = jnp.broadcast_to(cond.image_latent[:, None], (*z.shape[:2], *cond.image_latent.shape[1:]))
-    return unet.merge()(jnp.concatenate([scaled, frames], axis=-1), schedule.c_noise(sigma), cond.image_embeds,
-                        cond.added_time_ids, attn=attn)
-
-
 def backward_loss(delta: Delta, unet: ModelState[UNet], batch: ClipBatch, sigma: jax.Array, eps: jax.Array,
                   remat: bool = False) -> jax.Array:
     """Returns the EDM-weighted x0 loss (scalar) of the backward model base + `delta` on `batch`.
@@ -187,11 +179,12 @@ def backward_loss(delta: Delta, unet: ModelState[UNet], batch: ClipBatch, sigma:
     """
     z = batch.latents
     z_t = z + sigma[:, None, None, None, None] * eps
-    _, maps = _velocity(unet, flip_time(z_t), sigma, batch.reference, AttnControl.capture())
+    _, maps = unet_velocity(unet, flip_time(z_t), sigma, batch.reference, guided=False, attn=AttnControl.capture())
     maps = jax.lax.stop_gradient(rot180(maps))
 
     def trainable_velocity(delta):
-        return _velocity(with_delta(unet, delta), z_t, sigma, batch.cond, AttnControl.inject(maps))
+        return unet_velocity(with_delta(unet, delta), z_t, sigma, batch.cond, guided=False,
+                             attn=AttnControl.inject(maps))
 
     v = (jax.checkpoint(trainable_velocity) if remat else trainable_velocity)(delta)
     sigma_ = sigma[:, None, None, None, None]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from jinbetween.samplers import bidirectional, gi, trf
 from jinbetween.samplers.core import (Draws, StepProgram, count_unet_calls, denoise, draws_from_keys,
                                       guided_velocity, per_frame_guidance, sampling_progress)
 from jinbetween.samplers.gi import GIConfig, sample_gi
@@ -32,25 +33,15 @@ class Method:
     uses_delta: bool = False
 
 
-def _calls(module) -> dict[int, int]:
-    return dict(module.UNET_CALLS)
-
-
-def _methods() -> dict[str, Method]:
-    from jinbetween.samplers import bidirectional, gi, trf
-
-    return {m.name: m for m in (
-        Method("gi", GIConfig, sample_gi, fps=7, shared_aug_noise=True, calls_per_move=_calls(gi), uses_delta=True),
-        Method("trf", TRFConfig, sample_trf, fps=7, shared_aug_noise=True, calls_per_move=_calls(trf)),
-        Method("mpd", MPDConfig, sample_mpd, fps=9, shared_aug_noise=False, calls_per_move=_calls(bidirectional)),
-        Method("mpd-seq", MPDConfig.sequential, sample_mpd, fps=9, shared_aug_noise=False,
-               calls_per_move=_calls(bidirectional)),
-        Method("vibid", ViBiDConfig, sample_vibid, fps=7, shared_aug_noise=False,
-               calls_per_move=_calls(bidirectional)),
-    )}
-
-
-METHODS: dict[str, Method] = _methods()
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("gi", GIConfig, sample_gi, fps=7, shared_aug_noise=True, calls_per_move=gi.UNET_CALLS, uses_delta=True),
+    Method("trf", TRFConfig, sample_trf, fps=7, shared_aug_noise=True, calls_per_move=trf.UNET_CALLS),
+    Method("mpd", MPDConfig, sample_mpd, fps=9, shared_aug_noise=False, calls_per_move=bidirectional.UNET_CALLS),
+    Method("mpd-seq", MPDConfig.sequential, sample_mpd, fps=9, shared_aug_noise=False,
+           calls_per_move=bidirectional.UNET_CALLS),
+    Method("vibid", ViBiDConfig, sample_vibid, fps=7, shared_aug_noise=False,
+           calls_per_move=bidirectional.UNET_CALLS),
+)}
 
 
 def unet_calls(method: str, cfg: Any) -> int:

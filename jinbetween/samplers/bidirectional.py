@@ -26,12 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinbetween import schedule
 from jinbetween.conditioning import Conditioning
 from jinbetween.models.state import ModelState
 from jinbetween.models.unet import UNet
-from jinbetween.samplers.core import (Draws, StepProgram, cfg_pp_step, denoise_pair, flip_time, fuse, initial_draw,
-                                      run_program)
+from jinbetween.samplers.core import (Draws, SamplerConfig, cfg_pp_step, denoise_pair, flip_time, fuse, run_program,
+                                      start_latents)
 
 SEQUENTIAL, DISTILL, PARALLEL = 0, 1, 2
 UNET_CALLS = {SEQUENTIAL: 2, DISTILL: 1, PARALLEL: 2}
@@ -60,11 +59,10 @@ def distilled_estimate(x: jax.Array, x0_forward: jax.Array, sigma: jax.Array, z_
 
 
 def sample_bidirectional(unet: ModelState[UNet], start: Conditioning, end: Conditioning, keys: jax.Array,
-                         program: StepProgram, *, num_frames: int, sigma_max: float, progress: bool = False,
-                         draws: Draws | None = None) -> jax.Array:
-    """Returns latents `[B, F, h, w, C]` after running `program` (moves of the kinds above); call under jit."""
+                         cfg: SamplerConfig, draws: Draws | None = None) -> jax.Array:
+    """Returns latents `[B, F, h, w, C]` after running `cfg.program()` (moves of the kinds above); call under jit."""
     z_start, z_end = start.clean_latent, end.clean_latent
-    blend = jnp.asarray(np.linspace(1, 0, num_frames, dtype=np.float32))
+    blend = jnp.asarray(np.linspace(1, 0, cfg.num_frames, dtype=np.float32))
 
     def move(x, row, fresh):
         sigma, sigma_next = row.sigma, row.sigma_next
@@ -80,7 +78,5 @@ def sample_bidirectional(unet: ModelState[UNet], start: Conditioning, end: Condi
         parallel = cfg_pp_step(fuse(x0, x0_b, blend, 1 - blend), x, uncond, sigma, sigma_next)
         return jnp.select([row.kind == SEQUENTIAL, row.kind == DISTILL], [sequential, distilled], parallel)
 
-    initial = initial_draw(keys, (num_frames, *start.image_latent.shape[1:])) if draws is None else draws.initial
-    x = initial * jnp.float32(schedule.init_noise_sigma(sigma_max))
-    return run_program(move, x, program, keys, None if draws is None else draws.moves, progress=progress,
-                       move_uses_noise=True)
+    return run_program(move, start_latents(keys, start, cfg, draws), cfg.program(), keys,
+                       None if draws is None else draws.moves, progress=cfg.progress, move_uses_noise=True)

@@ -68,15 +68,17 @@ def unet_velocity(unet: ModelState[UNet], x: jax.Array, sigma: jax.Array, cond: 
                   attn: AttnControl | None = None, sigma_in: jax.Array | None = None):
     """Returns the UNet's v for latents `x [B, F, h, w, C]` at σ: `[uncond; cond]` (2B rows) if guided, else B rows.
 
-    `sigma_in` (default σ) sets the input scale 1/√(σ_in² + 1). With `attn` capturing, also returns the maps.
+    σ is a scalar or one per clip `[B]`. `sigma_in` (default σ) sets the input scale 1/√(σ_in² + 1). With
+    `attn` capturing, also returns the maps.
     """
     embeds, image_latents, time_ids = cfg_batch(cond, guided=guided)
-    scaled = x * schedule.c_in(sigma if sigma_in is None else sigma_in)
+    per_clip = lambda s: jnp.broadcast_to(s, x.shape[:1])  # noqa: E731
+    scaled = x * schedule.c_in(per_clip(sigma if sigma_in is None else sigma_in)).reshape(-1, 1, 1, 1, 1)
+    c_noise = schedule.c_noise(per_clip(sigma))
     if guided:
-        scaled = jnp.concatenate([scaled, scaled])
+        scaled, c_noise = jnp.concatenate([scaled, scaled]), jnp.concatenate([c_noise, c_noise])
     frames = jnp.broadcast_to(image_latents[:, None], (*scaled.shape[:2], *image_latents.shape[1:]))
     unet_input = jnp.concatenate([scaled, frames], axis=-1)
-    c_noise = jnp.broadcast_to(schedule.c_noise(sigma), (unet_input.shape[0],))
     if _unet_call_hook is not None:
         jax.debug.callback(_unet_call_hook, ordered=True)
     return unet.merge()(unet_input, c_noise, embeds, time_ids, attn=attn)
@@ -109,6 +111,38 @@ def denoise_pair(unet: ModelState[UNet], x: jax.Array, sigma: jax.Array,
     """Returns `(x0_uncond, x0_cond)`, each `[B, F, h, w, C]`, from one UNet call on the `[uncond; cond]` batch."""
     uncond, cond_v = jnp.split(unet_velocity(unet, x, sigma, cond, guided=True), 2)
     return schedule.denoised(x, uncond, sigma), schedule.denoised(x, cond_v, sigma)
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings every sampler shares.
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """Frames, steps and the noise range of a sampler; `progress` reports each move to the host."""
+
+    num_frames: int = 25
+    num_steps: int = 25
+    sigma_min: float = schedule.SIGMA_MIN
+    sigma_max: float = schedule.SIGMA_MAX
+    progress: bool = False
+
+    def sigmas(self) -> np.ndarray:
+        """The Karras schedule `[num_steps + 1]` (a final 0 appended)."""
+        return schedule.karras_sigmas(self.num_steps, self.sigma_min, self.sigma_max)
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidedSamplerConfig(SamplerConfig):
+    """A sampler with classifier-free guidance between `min_guidance_scale` and `max_guidance_scale`."""
+
+    min_guidance_scale: float = 1.0
+    max_guidance_scale: float = 3.0
+
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance is on iff max_guidance_scale > 1 (as in diffusers)."""
+        return self.max_guidance_scale > 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,6 +230,13 @@ def draws_from_keys(keys: jax.Array, num_moves: int, shape: tuple[int, ...]) -> 
     """Returns the draws a sampler makes from `keys [B]` when none are injected (for tests and harnesses)."""
     return Draws(initial_draw(keys, shape),
                  jnp.stack([move_draw(keys, jnp.int32(i), shape) for i in range(num_moves)]))
+
+
+def start_latents(keys: jax.Array, cond: Conditioning, cfg: SamplerConfig, draws: Draws | None) -> jax.Array:
+    """Returns the initial latents `[B, F, h, w, C]`: a standard-normal draw (the keys' or `draws.initial`)
+    scaled by √(σmax² + 1)."""
+    initial = initial_draw(keys, (cfg.num_frames, *cond.image_latent.shape[1:])) if draws is None else draws.initial
+    return initial * jnp.float32(schedule.init_noise_sigma(cfg.sigma_max))
 
 
 def run_program(move: Callable[[jax.Array, StepProgram, jax.Array | None], jax.Array], x: jax.Array,

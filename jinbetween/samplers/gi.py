@@ -23,15 +23,15 @@ from jinbetween.delta import Delta, with_delta
 from jinbetween.models.attention import AttnControl, rot180
 from jinbetween.models.state import ModelState
 from jinbetween.models.unet import UNet
-from jinbetween.samplers.core import (Draws, Move, StepProgram, flip_time, fuse, guided_velocity, initial_draw,
-                                      per_frame_guidance, renoise_std, run_program)
+from jinbetween.samplers.core import (Draws, GuidedSamplerConfig, Move, StepProgram, flip_time, fuse,
+                                      guided_velocity, per_frame_guidance, renoise_std, run_program, start_latents)
 
 DENOISE = 0
 UNET_CALLS = {DENOISE: 2}
 
 
 @dataclasses.dataclass(frozen=True)
-class GIConfig:
+class GIConfig(GuidedSamplerConfig):
     """Static settings of `sample_gi`.
 
     weighted_average: per-frame guidance linspace(min, max) and linear fusion weights linspace(1, 0)
@@ -42,24 +42,11 @@ class GIConfig:
     re-run R times, each time after adding noise from σ_{i+1} back to σ_i.
     """
 
-    num_frames: int = 25
     num_steps: int = 50
-    min_guidance_scale: float = 1.0
-    max_guidance_scale: float = 3.0
     weighted_average: bool = False
     fusion_weight: float | None = None
     noise_injection_steps: int = 5
     noise_injection_ratio: float = 0.5
-    sigma_min: float = schedule.SIGMA_MIN
-    sigma_max: float = schedule.SIGMA_MAX
-    progress: bool = False
-
-    @property
-    def guided(self) -> bool:
-        return self.max_guidance_scale > 1
-
-    def sigmas(self) -> np.ndarray:
-        return schedule.karras_sigmas(self.num_steps, self.sigma_min, self.sigma_max)
 
     def program(self) -> StepProgram:
         """Each step once, then (in the first half) `noise_injection_steps` re-noised repeats of it."""
@@ -107,7 +94,5 @@ def sample_gi(unet: ModelState[UNet], start: Conditioning, end: Conditioning, ke
         v = fuse(v_forward, v_backward, forward_weights, backward_weights)
         return schedule.euler_step(x, schedule.denoised(x, v, move.sigma), move.sigma, move.sigma_next)
 
-    initial = initial_draw(keys, (cfg.num_frames, *start.image_latent.shape[1:])) if draws is None else draws.initial
-    x = initial * jnp.float32(schedule.init_noise_sigma(cfg.sigma_max))
-    return run_program(fused_euler, x, cfg.program(), keys, None if draws is None else draws.moves,
-                       progress=cfg.progress)
+    return run_program(fused_euler, start_latents(keys, start, cfg, draws), cfg.program(), keys,
+                       None if draws is None else draws.moves, progress=cfg.progress)

@@ -12,32 +12,19 @@ from jinbetween import schedule
 from jinbetween.conditioning import Conditioning
 from jinbetween.models.state import ModelState
 from jinbetween.models.unet import UNet
-from jinbetween.samplers.core import Move, StepProgram, denoise, initial_draw, per_frame_guidance, run_program
+from jinbetween.samplers.core import (GuidedSamplerConfig, Move, StepProgram, denoise, initial_draw,
+                                      per_frame_guidance, run_program)
 
 DENOISE = 0
 
 
 @dataclasses.dataclass(frozen=True)
-class I2VConfig:
-    """Static settings of `sample_i2v` (diffusers' defaults); `progress` reports each step to the host."""
-
-    num_frames: int = 25
-    num_steps: int = 25
-    min_guidance_scale: float = 1.0
-    max_guidance_scale: float = 3.0
-    sigma_min: float = schedule.SIGMA_MIN
-    sigma_max: float = schedule.SIGMA_MAX
-    progress: bool = False
-
-    @property
-    def guided(self) -> bool:
-        """Classifier-free guidance is on iff max_guidance_scale > 1 (as in diffusers)."""
-        return self.max_guidance_scale > 1
+class I2VConfig(GuidedSamplerConfig):
+    """Static settings of `sample_i2v` (diffusers' defaults)."""
 
     def program(self) -> StepProgram:
         """One Euler move per step."""
-        sigmas = schedule.karras_sigmas(self.num_steps, self.sigma_min, self.sigma_max)
-        return StepProgram.build([Move(DENOISE, i) for i in range(self.num_steps)], sigmas)
+        return StepProgram.build([Move(DENOISE, i) for i in range(self.num_steps)], self.sigmas())
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

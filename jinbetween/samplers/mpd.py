@@ -16,18 +16,17 @@ import functools
 
 import jax
 
-from jinbetween import schedule
 from jinbetween.conditioning import Conditioning
 from jinbetween.models.state import ModelState
 from jinbetween.models.unet import UNet
-from jinbetween.samplers.bidirectional import DISTILL, PARALLEL, SEQUENTIAL, UNET_CALLS, sample_bidirectional  # noqa: F401
-from jinbetween.samplers.core import Draws, Move, StepProgram, renoise_std
+from jinbetween.samplers.bidirectional import DISTILL, PARALLEL, SEQUENTIAL, sample_bidirectional
+from jinbetween.samplers.core import Draws, Move, SamplerConfig, StepProgram, renoise_std
 
 BASES = ("parallel", "sequential")
 
 
 @dataclasses.dataclass(frozen=True)
-class MPDConfig:
+class MPDConfig(SamplerConfig):
     """Static settings of `sample_mpd`; `MPDConfig()` is MPD-par, `MPDConfig.sequential()` MPD-seq.
 
     distill_fraction γ: steps i < γ·num_steps distill. distill_iterations k: DISTILL moves per such step.
@@ -35,14 +34,9 @@ class MPDConfig:
     """
 
     base: str = "parallel"
-    num_frames: int = 25
-    num_steps: int = 25
     distill_fraction: float = 0.1
     distill_iterations: int = 1
     parallel_repeats: int = 3
-    sigma_min: float = schedule.SIGMA_MIN
-    sigma_max: float = schedule.SIGMA_MAX
-    progress: bool = False
 
     def __post_init__(self):
         if self.base not in BASES:
@@ -54,7 +48,7 @@ class MPDConfig:
         return cls(**{"base": "sequential", "distill_fraction": 0.2, "distill_iterations": 3, **overrides})
 
     def program(self) -> StepProgram:
-        sigmas = schedule.karras_sigmas(self.num_steps, self.sigma_min, self.sigma_max)
+        sigmas = self.sigmas()
         moves = []
         for i in range(self.num_steps):
             back_to_sigma = renoise_std(sigmas, i + 1, i)
@@ -73,5 +67,4 @@ class MPDConfig:
 def sample_mpd(unet: ModelState[UNet], start: Conditioning, end: Conditioning, keys: jax.Array, cfg: MPDConfig,
                draws: Draws | None = None) -> jax.Array:
     """Returns latents `[B, F, h, w, C]` of videos from each start keyframe to its end keyframe."""
-    return sample_bidirectional(unet, start, end, keys, cfg.program(), num_frames=cfg.num_frames,
-                                sigma_max=cfg.sigma_max, progress=cfg.progress, draws=draws)
+    return sample_bidirectional(unet, start, end, keys, cfg, draws)

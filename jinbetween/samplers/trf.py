@@ -21,8 +21,8 @@ from jinbetween import schedule
 from jinbetween.conditioning import Conditioning
 from jinbetween.models.state import ModelState
 from jinbetween.models.unet import UNet
-from jinbetween.samplers.core import (Draws, Move, StepProgram, flip_time, fuse, guided_velocity, initial_draw,
-                                      per_frame_guidance, run_program)
+from jinbetween.samplers.core import (Draws, GuidedSamplerConfig, Move, StepProgram, flip_time, fuse,
+                                      guided_velocity, per_frame_guidance, run_program, start_latents)
 
 DENOISE = 0
 UNET_CALLS = {DENOISE: 2}
@@ -50,7 +50,7 @@ def jump_schedule(num_steps: int, repeat_step_ratio: float, jump_length: int, ju
 
 
 @dataclasses.dataclass(frozen=True)
-class TRFConfig:
+class TRFConfig(GuidedSamplerConfig):
     """Static settings of `sample_trf`.
 
     faithful: reproduce the official pipeline's stale input scaling: on the first denoising move after
@@ -61,22 +61,12 @@ class TRFConfig:
     context, is not reproduced: the UNet here always uses the corrected (batch-major) order.
     """
 
-    num_frames: int = 25
     num_steps: int = 50
-    min_guidance_scale: float = 1.0
-    max_guidance_scale: float = 3.0
     jump_length: int = 5
     jump_n_sample: int = 2
     repeat_step_ratio: float = 0.8
     noise_scale_ratio: float = 1.0
     faithful: bool = False
-    sigma_min: float = schedule.SIGMA_MIN
-    sigma_max: float = schedule.SIGMA_MAX
-    progress: bool = False
-
-    @property
-    def guided(self) -> bool:
-        return self.max_guidance_scale > 1
 
     def program(self) -> StepProgram:
         """One fused move per denoising visit; a run of undo visits becomes the next move's `noise_before`.
@@ -84,7 +74,7 @@ class TRFConfig:
         Consecutive undos from σ[a] up to σ[b] add noise of variance ratio²·Σ(σ_j² − σ_{j+1}²) =
         ratio²·(σ_b² − σ_a²): one draw of that size, the same distribution as the reference's several.
         """
-        sigmas = schedule.karras_sigmas(self.num_steps, self.sigma_min, self.sigma_max).astype(np.float64)
+        sigmas = self.sigmas().astype(np.float64)
         visits = jump_schedule(self.num_steps, self.repeat_step_ratio, self.jump_length, self.jump_n_sample)
         moves, last, variance, last_denoised = [], visits[0] - 1, 0.0, None
         for k in visits:
@@ -126,8 +116,6 @@ def sample_trf(unet: ModelState[UNet], start: Conditioning, end: Conditioning, k
         backward = euler(flip_time(x), end, move)
         return fuse(forward, backward, weights, jnp.flip(weights))
 
-    initial = initial_draw(keys, (cfg.num_frames, *start.image_latent.shape[1:])) if draws is None else draws.initial
-    x = initial * jnp.float32(schedule.init_noise_sigma(cfg.sigma_max))
-    return run_program(fused_move, x, cfg.program(), keys, None if draws is None else draws.moves,
-                       progress=cfg.progress)
+    return run_program(fused_move, start_latents(keys, start, cfg, draws), cfg.program(), keys,
+                       None if draws is None else draws.moves, progress=cfg.progress)
 

@@ -13,33 +13,24 @@ import functools
 
 import jax
 
-from jinbetween import schedule
 from jinbetween.conditioning import Conditioning
 from jinbetween.models.state import ModelState
 from jinbetween.models.unet import UNet
-from jinbetween.samplers.bidirectional import SEQUENTIAL, UNET_CALLS, sample_bidirectional  # noqa: F401
-from jinbetween.samplers.core import Draws, Move, StepProgram
+from jinbetween.samplers.bidirectional import SEQUENTIAL, sample_bidirectional
+from jinbetween.samplers.core import Draws, Move, SamplerConfig, StepProgram
 
 
 @dataclasses.dataclass(frozen=True)
-class ViBiDConfig:
+class ViBiDConfig(SamplerConfig):
     """Static settings of `sample_vibid`."""
-
-    num_frames: int = 25
-    num_steps: int = 25
-    sigma_min: float = schedule.SIGMA_MIN
-    sigma_max: float = schedule.SIGMA_MAX
-    progress: bool = False
 
     def program(self) -> StepProgram:
         """One sequential move per step."""
-        sigmas = schedule.karras_sigmas(self.num_steps, self.sigma_min, self.sigma_max)
-        return StepProgram.build([Move(SEQUENTIAL, i) for i in range(self.num_steps)], sigmas)
+        return StepProgram.build([Move(SEQUENTIAL, i) for i in range(self.num_steps)], self.sigmas())
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def sample_vibid(unet: ModelState[UNet], start: Conditioning, end: Conditioning, keys: jax.Array,
                  cfg: ViBiDConfig, draws: Draws | None = None) -> jax.Array:
     """Returns latents `[B, F, h, w, C]` of videos from each start keyframe to its end keyframe."""
-    return sample_bidirectional(unet, start, end, keys, cfg.program(), num_frames=cfg.num_frames,
-                                sigma_max=cfg.sigma_max, progress=cfg.progress, draws=draws)
+    return sample_bidirectional(unet, start, end, keys, cfg, draws)
