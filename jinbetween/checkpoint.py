@@ -28,3 +28,41 @@ def restore_tree(path: str | os.PathLike, abstract_tree: Any) -> Any:
         return checkpointer.restore(Path(path).absolute(), abstract_tree)
     finally:
         checkpointer.close()
+
+
+class TrainingCheckpoints:
+    """The numbered checkpoints of a training run in `directory` (orbax CheckpointManager), the last `keep` kept.
+
+    Each holds a tree of arrays (nested dicts with string keys) and a JSON record (data position, run settings).
+    Saves are synchronous: the training step donates its state buffers, so they must be on disk first.
+    """
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 3):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+        self.directory = Path(directory).absolute()
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        """Returns the newest saved step, or None if there is none."""
+        return self._manager.latest_step()
+
+    def save(self, step: int, tree: Any, record: dict) -> None:
+        """Writes checkpoint `step`: `tree` and `record` (JSON-serializable), dropping the oldest beyond `keep`."""
+        self._manager.save(step, args=ocp.args.Composite(tree=ocp.args.StandardSave(tree),
+                                                         record=ocp.args.JsonSave(record)), force=True)
+        self._manager.wait_until_finished()
+
+    def restore(self, step: int, abstract_tree: Any) -> tuple[Any, dict]:
+        """Returns (tree shaped like `abstract_tree`, record) of checkpoint `step`."""
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            tree=ocp.args.StandardRestore(abstract_tree), record=ocp.args.JsonRestore()))
+        return restored.tree, dict(restored.record)
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> "TrainingCheckpoints":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

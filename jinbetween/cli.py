@@ -1,4 +1,5 @@
-"""`jinbetween` command line: `convert` weights, `interpolate` between two keyframes, `i2v` (image to video)."""
+"""`jinbetween` command line: `convert` weights, `interpolate` between two keyframes, `i2v` (image to video),
+`finetune` a GI backward delta on your videos."""
 
 from __future__ import annotations
 
@@ -207,6 +208,57 @@ def run_interpolate(args: argparse.Namespace) -> None:
     print(f"wrote {out} ({args.method}, {len(frames)} frames, {height}×{width}) and {sheet}")
 
 
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", required=True, help="the base model: converted weights dir or diffusers SVD "
+                                                         "pipeline folder (GI trained on the 14-frame SVD)")
+    parser.add_argument("--videos", required=True, help="folder of videos (mp4, webm, gif, …) and/or frame folders")
+    parser.add_argument("--out", required=True, help="run dir: checkpoints/, loss.jsonl, loss.png, gi_backward/")
+    parser.add_argument("--steps", type=int, required=True, help="total optimizer steps of the run")
+    parser.add_argument("--frames", type=int, default=14, help="frames per clip (default 14, as GI)")
+    parser.add_argument("--stride", type=int, default=2, help="take every STRIDE-th source frame (default 2, as GI)")
+    parser.add_argument("--height", type=int, default=576, help="clip height, a multiple of 64 (default 576)")
+    parser.add_argument("--width", type=int, default=1024, help="clip width, a multiple of 64 (default 1024)")
+    parser.add_argument("--resize", choices=RESIZE_MODES, default="crop", help="how frames are fitted (crop)")
+    parser.add_argument("--batch-size", type=int, default=1, help="clips per step (default 1, as GI)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    parser.add_argument("--save-every", type=int, default=500, help="checkpoint every K steps (default 500)")
+    parser.add_argument("--keep", type=int, default=3, help="checkpoints kept (default 3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the clip order and the noise (default 0)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    parser.add_argument("--remat", action="store_true", help="recompute activations in the backward pass (less "
+                                                              "memory, more time; for full-size clips)")
+    parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                        help="dtype of the frozen model (auto: bfloat16 on GPU, float32 on CPU); the trained "
+                             "delta is always float32")
+
+
+def run_finetune(args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    from jinbetween import data, finetune, video
+    from jinbetween.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(args.weights, dtype=None if args.dtype == "auto" else DTYPES[args.dtype])
+    video.check_size(args.height, args.width, pipe.size_multiple)
+    spec = data.ClipSpec(num_frames=args.frames, stride=args.stride, height=args.height, width=args.width,
+                         resize=args.resize)
+    dataset = data.VideoDataset.scan(args.videos, spec)
+    print(f"{len(dataset.sources)} videos usable, {len(dataset.skipped)} skipped")
+    run = finetune.RunConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                             save_every=args.save_every, keep=args.keep)
+    train = finetune.TrainConfig(learning_rate=args.lr, remat=args.remat)
+    with tqdm(total=args.steps, desc="fine-tune", unit="step") as bar:
+        def on_step(step: int, metrics: dict) -> None:
+            bar.n = step
+            bar.set_postfix(loss=f"{metrics['loss']:.4g}", refresh=True)
+
+        delta = finetune.finetune(pipe, dataset, args.out, run, train, resume=args.resume, base_name=args.weights,
+                                  on_step=on_step)
+    out = Path(args.out)
+    print(f"wrote {delta} (use: jinbetween interpolate … --method gi --backward-delta {delta}), "
+          f"{out / finetune.LOG_FILE} and {out / finetune.LOSS_PLOT}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jinbetween", description="Generative inbetweening with SVD in JAX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -226,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
                                           "per-frame classifier-free guidance, as diffusers' pipeline.")
     add_i2v_arguments(i2v)
     i2v.set_defaults(run=run_i2v)
+    tune = commands.add_parser(
+        "finetune", help="train a GI backward-motion delta on a folder of videos",
+        description="GI's backward-motion fine-tune (Algorithm 1): trains the temporal attn1 W_v/W_o of the base "
+                    "model on reversed clips, fed the frozen forward pass's 180°-rotated attention maps; "
+                    "resumable; writes a delta that `interpolate --method gi` uses.")
+    add_finetune_arguments(tune)
+    tune.set_defaults(run=run_finetune)
     return parser
 
 

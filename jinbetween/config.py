@@ -112,6 +112,7 @@ class UNetConfig:
 
 
 _UNET_RUNTIME_FIELDS = ("attention_impl", "cross_attention_shortcut")
+_VAE_RUNTIME_FIELDS = ("attention_impl", "lean_decode")
 _PER_BLOCK_FIELDS = ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block", "num_attention_heads")
 
 
@@ -164,6 +165,10 @@ class VAEConfig:
 
     The mid-block attentions have one head of width `block_out_channels[-1]` (512 for SVD), beyond
     cuDNN's head-dim limit, so "auto" means XLA (query-chunked) here.
+
+    `lean_decode` (default on) runs the decoder's per-frame layers one frame at a time and its temporal
+    layers in row tiles, so that a decoded chunk holds little more than one block's input and output at a
+    time: the same arithmetic, a fraction of the memory. Off, every layer runs on the whole chunk at once.
     """
 
     in_channels: int = 3
@@ -176,6 +181,7 @@ class VAEConfig:
     scaling_factor: float = 0.18215
     force_upcast: bool = True
     attention_impl: str = "auto"
+    lean_decode: bool = True
 
     def __post_init__(self):
         if len(self.down_block_types) != len(self.block_out_channels):
@@ -203,11 +209,11 @@ class VAEConfig:
     def from_diffusers(cls, config: Mapping[str, Any], **runtime: Any) -> "VAEConfig":
         """Returns the config of a diffusers `vae/config.json` dict; unknown fields raise ConfigError."""
         _check_class(config, "AutoencoderKLTemporalDecoder", "vae")
-        return cls(**_known_fields(cls, config, "VAE", ("attention_impl",)), **runtime)
+        return cls(**_known_fields(cls, config, "VAE", _VAE_RUNTIME_FIELDS), **runtime)
 
     def to_diffusers(self) -> dict[str, Any]:
         """Returns the diffusers `config.json` dict (architecture fields only)."""
-        return _to_dict(self, "AutoencoderKLTemporalDecoder", ("attention_impl",))
+        return _to_dict(self, "AutoencoderKLTemporalDecoder", _VAE_RUNTIME_FIELDS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,3 +52,7 @@ class DeltaMismatchError(JinbetweenError):
     def __init__(self, message: str, differences: list[tuple[str, float]]):
         super().__init__(message)
         self.differences = differences
+
+
+class DataError(JinbetweenError):
+    """Training videos are missing, unreadable, too short for the requested clips, or changed since the scan."""

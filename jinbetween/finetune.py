@@ -9,32 +9,44 @@ jitted step. One step, for a clip already reversed in time (latents z):
     v    = (base + Δ) UNet on [c_in·z_t ; cond latent], temporal attn1 using rot180(maps)
     loss = mean(((1 + σ²)/σ²)·(denoised(z_t, v, σ) − z)²),  AdamW on Δ after global-norm clipping
 
-`train_step` is a pure function of (UNet state, TrainState, ClipBatch, key, static TrainConfig).
+`train_step` is a pure function of (UNet state, TrainState, ClipBatch, key, static TrainConfig); `encode_clips`
+turns video clips into a ClipBatch; `finetune` is the resumable loop around them (orbax checkpoints, JSONL loss log,
+loss-curve PNG, the trained delta exported for `Pipeline` / `jinbetween interpolate --method gi`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import logging
+import os
 import re
-from typing import NamedTuple, Sequence
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from PIL import Image, ImageDraw
 
-from jinbetween import schedule
+from jinbetween import conditioning, schedule
+from jinbetween.checkpoint import TrainingCheckpoints
 from jinbetween.conditioning import Conditioning
 from jinbetween.config import UNetConfig
 from jinbetween.conversion import torch_key
-from jinbetween.delta import Delta, delta_keys, delta_shapes, with_delta
+from jinbetween.delta import BACKWARD_DELTA, Delta, delta_keys, delta_shapes, save_delta, with_delta
 from jinbetween.errors import ConfigError
 from jinbetween.models.attention import AttnControl, rot180
 from jinbetween.models.state import ModelState
 from jinbetween.models.unet import UNet
 from jinbetween.samplers.core import flip_time, unet_velocity
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,3 +226,189 @@ def train_step(unet: ModelState[UNet], train_state: TrainState, batch: ClipBatch
     delta = optax.apply_updates(train_state.delta, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "sigma_mean": jnp.mean(sigma)}
     return TrainState(delta=delta, opt_state=opt_state, step=train_state.step + 1), metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# From video clips to a batch.
+
+
+@functools.partial(jax.jit, static_argnames=("noise_aug_strength",))
+def encode_clips(vae: ModelState, image_encoder: ModelState, pixels: jax.Array, clip_input: jax.Array,
+                 time_ids: jax.Array, key: jax.Array, noise_aug_strength: float) -> ClipBatch:
+    """Returns the ClipBatch of clips in original time order, as GI's training script builds it.
+
+    pixels: `[B, F, H, W, 3]` in [-1, 1]; clip_input: `[2B, S, S, 3]` CLIP input of the clips' last frames then
+    their first frames (`conditioning.clip_pixels`); time_ids: `[3]`. The conditioning image (last original
+    frame) and the reference image (first) share one augmentation noise draw; the clip latents are
+    scaling_factor × posterior samples of the reversed clip.
+    """
+    vae_model, encoder = vae.merge(), image_encoder.merge()
+    b = pixels.shape[0]
+    aug_key, sample_key = jax.random.split(key)
+    reversed_pixels = pixels[:, ::-1]
+    keyframes = jnp.concatenate([reversed_pixels[:, 0], pixels[:, 0]])  # [cond…, reference…]
+    aug_noise = jnp.tile(jax.random.normal(aug_key, (b, *keyframes.shape[1:])), (2, 1, 1, 1))
+    image_latents = vae_model.encode(keyframes + noise_aug_strength * aug_noise)
+    embeds = encoder(clip_input)[:, None, :]
+
+    def clip_latents(args):
+        frames, clip_key = args
+        return vae_model.config.scaling_factor * vae_model.encode_sample(frames, clip_key)
+
+    latents = jax.lax.map(clip_latents, (reversed_pixels, jax.random.split(sample_key, b)))
+    time_ids = jnp.broadcast_to(time_ids, (b, time_ids.shape[-1]))
+    halves = [slice(0, b), slice(b, 2 * b)]  # the conditioning images, then the reference images
+    # clean_latent only serves the samplers' endpoint pins: training has none.
+    cond, reference = (Conditioning(image_embeds=embeds[h], image_latent=image_latents[h], clean_latent=None,
+                                    added_time_ids=time_ids) for h in halves)
+    return ClipBatch(latents=latents.astype(jnp.float32), cond=cond, reference=reference)
+
+
+# --------------------------------------------------------------------------------------------------
+# The resumable loop.
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A fine-tune run around the step: its length, batch, seed, checkpoint cadence and the conditioning
+    GI trained with (time ids [fps − 1, motion bucket, noise augmentation] = [6, 127, 0.02])."""
+
+    steps: int
+    batch_size: int = 1
+    seed: int = 0
+    save_every: int = 500
+    keep: int = 3
+    fps: float = 7
+    motion_bucket_id: float = 127
+    noise_aug_strength: float = 0.02
+    prefetch: int = 2
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "save_every", "keep"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
+
+
+LOG_FILE, LOSS_PLOT, CHECKPOINTS = "loss.jsonl", "loss.png", "checkpoints"
+
+
+def _train_state_tree(state: TrainState) -> dict:
+    """The TrainState as nested dicts with string keys, the form the checkpoint stores."""
+    return {"delta": state.delta, "opt_state": {f"{i:04d}": leaf for i, leaf in enumerate(jax.tree.leaves(
+        state.opt_state))}, "step": state.step}
+
+
+def _train_state_from_tree(tree: dict, like: TrainState) -> TrainState:
+    opt_leaves = [tree["opt_state"][k] for k in sorted(tree["opt_state"])]
+    return TrainState(delta=tree["delta"], opt_state=jax.tree.unflatten(jax.tree.structure(like.opt_state), opt_leaves),
+                      step=tree["step"])
+
+
+def _run_identity(dataset, run: RunConfig, train: TrainConfig) -> dict:
+    """What must not change between a run and its resumption for it to continue exactly (not its length)."""
+    return {"seed": run.seed, "batch_size": run.batch_size, "videos": dataset.fingerprint,
+            "train": dataclasses.asdict(train), "time_ids": [run.fps, run.motion_bucket_id, run.noise_aug_strength]}
+
+
+def _read_log(path: Path, up_to_step: int) -> list[dict]:
+    """The logged steps 1..up_to_step (a crash after the last checkpoint leaves later lines, redone on resume)."""
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r["step"] <= up_to_step]
+
+
+def finetune(pipeline, dataset, out_dir: str | os.PathLike, run: RunConfig, train: TrainConfig = TrainConfig(), *,
+             resume: bool = False, base_name: str | None = None,
+             on_step: Callable[[int, dict], None] | None = None) -> Path:
+    """Trains a GI backward delta on `pipeline`'s UNet (the base) with clips of `dataset`; returns the delta's path.
+
+    Writes into `out_dir`: `checkpoints/` every `run.save_every` steps and at the end (orbax; TrainState, data
+    position, run identity), `loss.jsonl` (one line per step), `loss.png`, and the trained delta as
+    `gi_backward/` (loadable with `Pipeline.load_backward_delta` or `jinbetween interpolate --backward-delta`).
+    `resume=True` continues from the newest checkpoint exactly as if the run had not stopped; without it an
+    `out_dir` that already holds checkpoints is refused. `base_name` (e.g. the weights dir) is recorded in the
+    delta's metadata: the delta belongs to that base. `on_step(step, metrics)` is called after every step.
+    """
+    from jinbetween.data import ClipLoader
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unet, vae, encoder = (ModelState.of(m) for m in (pipeline.unet, pipeline.vae, pipeline.image_encoder))
+    identity = _run_identity(dataset, run, train)
+    state, position, first_step = init_train_state(unet, train), 0, 0
+    with TrainingCheckpoints(out_dir / CHECKPOINTS, keep=run.keep) as checkpoints:
+        latest = checkpoints.latest_step()
+        if latest is not None and not resume:
+            raise ConfigError(f"{out_dir} already holds fine-tune checkpoints up to step {latest}; pass --resume "
+                              "(resume=True) to continue that run, or choose a new output dir.")
+        if latest is not None:
+            tree, record = checkpoints.restore(latest, _train_state_tree(jax.eval_shape(lambda: state)))
+            if record["identity"] != identity:
+                changed = sorted(k for k in identity if record["identity"].get(k) != identity[k])
+                raise ConfigError(f"Cannot resume {out_dir}: the run's {', '.join(changed)} differ from the "
+                                  "checkpoint's; resume with the same videos and settings, or start a new output dir.")
+            state, position, first_step = _train_state_from_tree(tree, state), record["data_position"], latest
+            log.info("resuming %s at step %d", out_dir, latest)
+        if first_step >= run.steps:
+            log.info("%s is already at step %d of %d", out_dir, first_step, run.steps)
+        records = _read_log(out_dir / LOG_FILE, first_step)
+        (out_dir / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+        root = jax.random.key(run.seed)
+        time_ids = conditioning.added_time_ids(run.fps, run.motion_bucket_id, run.noise_aug_strength)
+        with ClipLoader(dataset, run.batch_size, seed=run.seed, start=position, prefetch=run.prefetch) as loader, \
+                (out_dir / LOG_FILE).open("a") as log_file:
+            for step in range(first_step, run.steps):
+                start = time.perf_counter()
+                clips = next(loader)
+                frames = np.asarray(clips.frames)
+                keyframes = np.concatenate([frames[:, -1], frames[:, 0]])
+                clip_input = conditioning.clip_pixels(keyframes, pipeline.image_encoder.config.image_size,
+                                                      pipeline.clip_mean, pipeline.clip_std)
+                encode_key, noise_key = jax.random.split(jax.random.fold_in(root, step))
+                batch = encode_clips(vae, encoder, conditioning.vae_pixels(frames), clip_input, time_ids, encode_key,
+                                     run.noise_aug_strength)
+                state, metrics = train_step(unet, state, batch, noise_key, train)
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                record = {"step": step + 1, **metrics, "seconds": round(time.perf_counter() - start, 4),
+                          "clips": [[str(path), int(first)] for path, first in clips.sources]}
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                records.append(record)
+                if (step + 1) % run.save_every == 0 or step + 1 == run.steps:
+                    checkpoints.save(step + 1, _train_state_tree(state),
+                                     {"data_position": loader.position, "identity": identity})
+                if on_step is not None:
+                    on_step(step + 1, metrics)
+    write_loss_curve(records, out_dir / LOSS_PLOT)
+    return save_delta(out_dir / BACKWARD_DELTA, jax.device_get(state.delta), unet.merge().config,
+                      trained_steps=int(state.step), base=base_name,
+                      run=dataclasses.asdict(run), train=dataclasses.asdict(train))
+
+
+def write_loss_curve(records: Sequence[dict], path: str | os.PathLike, size: tuple[int, int] = (640, 360)) -> Path:
+    """Draws the logged losses (log scale: dots per step, a line for their running mean) into a PNG at `path`."""
+    width, height = size
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = 64, width - 16, 16, height - 40
+    draw.rectangle([left, top, right, bottom], outline="black")
+    steps = np.array([r["step"] for r in records], np.float64)
+    losses = np.log10(np.maximum([r["loss"] for r in records], 1e-12)) if records else np.zeros(0)
+    if len(steps):
+        window = max(1, len(losses) // 20)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        low, high = losses.min(), max(losses.max(), losses.min() + 1e-6)
+        x_of = lambda s: left + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (right - left)
+        y_of = lambda v: bottom - (v - low) / (high - low) * (bottom - top)
+        for s, v in zip(steps, losses):
+            draw.point((x_of(s), y_of(v)), fill=(150, 170, 230))
+        if len(smooth) > 1:
+            draw.line([(x_of(s), y_of(v)) for s, v in zip(steps[window - 1:], smooth)], fill=(200, 40, 40), width=2)
+        for v in (low, high):
+            draw.text((4, y_of(v) - 6), f"{10 ** v:.3g}", fill="black")
+        draw.text((left, bottom + 8), f"step {int(steps[0])}", fill="black")
+        draw.text((right - 80, bottom + 8), f"step {int(steps[-1])}", fill="black")
+    draw.text((left + 8, top + 4), "fine-tune loss (log scale; red: running mean)", fill="black")
+    image.save(path)
+    return Path(path)

@@ -17,6 +17,7 @@ from jinbetween import config
 from jinbetween.cli import main as cli_main
 from jinbetween.errors import InputShapeError
 from jinbetween.models import VAE, ImageEncoder, UNet
+from jinbetween.models import vae as vae_module
 from tests.helpers import assert_close
 from tests.torch_reference import diffusers_unet, diffusers_vae, transformers_clip
 
@@ -59,15 +60,31 @@ def test_vae_encode_matches_diffusers(vae_case):
     assert_close(vae.encode(images), nhwc(posterior.mode()), TOL, "encode() = mode")
 
 
+# lean: per-frame layers frame by frame, temporal layers in row tiles (one tile at these sizes, several with
+# "lean, 4-row tiles"); whole: every layer on the whole chunk.
+DECODE_MODES = {"lean": (True, vae_module.ROW_TILE_ELEMENTS), "lean, 4-row tiles": (True, 1), "whole": (False, 0)}
+
+
+@pytest.mark.parametrize("mode", list(DECODE_MODES))
 @pytest.mark.parametrize("videos,frames", [(1, 5), (2, 3)])
-def test_vae_decode_matches_diffusers(vae_case, videos, frames):
+def test_vae_decode_matches_diffusers(vae_case, videos, frames, mode, monkeypatch):
     cfg, (h, w), reference, vae = vae_case
+    lean, tile_elements = DECODE_MODES[mode]
+    monkeypatch.setattr(vae.decoder, "lean", lean)
+    monkeypatch.setattr(vae_module, "ROW_TILE_ELEMENTS", tile_elements)
     f = cfg.downsample_factor
     z = np.random.default_rng(1).standard_normal((videos * frames, h // f, w // f, 4)).astype(np.float32)
     with torch.no_grad():
         expected = nhwc(reference.decode(nchw(z), num_frames=frames).sample)
     out = jax.jit(lambda z: vae.decode(z, frames))(z)
-    assert_close(out, expected, TOL, f"decode of {videos} video(s) × {frames} frames")
+    assert_close(out, expected, TOL, f"{mode} decode of {videos} video(s) × {frames} frames")
+
+
+@pytest.mark.parametrize("budget,tiles", [(10**9, 1), (300, 6), (250, 6), (100, 12)])
+def test_row_tiles_are_the_fewest_equal_tiles_within_the_budget(budget, tiles, monkeypatch):
+    monkeypatch.setattr(vae_module, "ROW_TILE_ELEMENTS", budget)
+    video = jnp.zeros((1, 5, 12, 8, 3))  # 120 elements per row; a row never splits, so 100 gives one row per tile
+    assert vae_module._row_tiles(video) == tiles
 
 
 @pytest.mark.parametrize("chunk", [None, 2, 3])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import numpy as np
 import torch
@@ -131,3 +132,106 @@ def temporal_processors(unet, make_processor):
     finally:
         for name, module in layers.items():
             module.set_processor(originals[name])
+
+
+# --------------------------------------------------------------------------------------------------
+# GI's backward-motion fine-tune step (`train_reverse_motion_with_attnflip.py`, algorithms.md §3.4), in torch.
+
+
+def set_temporal_processors(unet, make_processor) -> list[str]:
+    """Installs `make_processor(layer_name)` on every temporal self-attention layer and leaves it there.
+
+    Unlike `temporal_processors`, nothing is restored: activation checkpointing re-runs the forward during
+    `backward()`, after any `with` block around the forward pass would have ended.
+    """
+    layers = [(name, module) for name, module in unet.named_modules()
+              if name.endswith("attn1") and ".temporal_transformer_blocks." in name]
+    for name, module in layers:
+        module.set_processor(make_processor(name))
+    return [name for name, _ in layers]
+
+
+class TensorCaptureProcessor:
+    """Attends normally and records the probabilities, detached, as a torch `[N, heads, F, F]` on their device."""
+
+    def __init__(self, store: dict, name: str):
+        self.store, self.name = store, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        n, f, _ = hidden_states.shape
+        q, k, v = (attn.head_to_batch_dim(proj(hidden_states)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        probs = attn.get_attention_scores(q, k, None)
+        self.store[self.name] = probs.detach().reshape(n, attn.heads, f, f)
+        return attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, v)))
+
+
+class TensorInjectProcessor:
+    """Outputs `to_out(P @ to_v(x))` with `P = store[name]` read at call time, rotated by 180° if `rotate`.
+
+    scores: also compute this layer's own probabilities and use `0·P_own + P`, as GI's AttentionFlipCtrlProcessor
+    does (the same values, more work: a benchmark of GI's own step wants it, an oracle does not).
+    """
+
+    def __init__(self, store: dict, name: str, rotate: bool = True, scores: bool = False):
+        self.store, self.name, self.rotate, self.scores = store, name, rotate, scores
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        n, f, _ = hidden_states.shape
+        v = attn.head_to_batch_dim(attn.to_v(hidden_states))
+        probs = self.store[self.name]
+        probs = (probs.flip(-2, -1) if self.rotate else probs).reshape(-1, f, f).to(v.dtype)
+        if self.scores:
+            q, k = (attn.head_to_batch_dim(proj(hidden_states)) for proj in (attn.to_q, attn.to_k))
+            probs = 0.0 * attn.get_attention_scores(q, k, None) + probs
+        return attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, v)))
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchConditioning:
+    """One conditioning image per clip, in diffusers' layout."""
+
+    image_embeds: torch.Tensor  # [B, 1, D] CLIP embedding
+    image_latent: torch.Tensor  # [B, C, h, w] unscaled VAE latent of the noise-augmented image
+    added_time_ids: torch.Tensor  # [B, 3]
+
+    def to(self, *args) -> "TorchConditioning":
+        return TorchConditioning(*(t.to(*args) for t in dataclasses.astuple(self)))
+
+
+def gi_finetune_loss(ref_unet, unet, z: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor,
+                     cond: TorchConditioning, reference: TorchConditioning, *, params: dict | None = None,
+                     rotate: bool = True, inject_scores: bool = False,
+                     autocast=contextlib.nullcontext) -> torch.Tensor:
+    """Returns GI's fine-tune loss (float32 scalar) for reversed clips `z [B, F, C, h, w]`, noise σ `[B]`, ε like z.
+
+    The frozen `ref_unet` (in its own dtype, no autocast, no gradient) sees `[c_in·flip_t(z_t) ; reference latent]`
+    and the reference embedding, and its temporal attn1 probabilities are captured; the trainable `unet` sees
+    `[c_in·z_t ; cond latent]` and the cond embedding under `autocast()`, each temporal attn1 using the captured
+    map of its layer rotated by 180°. `params` (name → tensor) replaces parameters of `unet` for this call
+    (`torch.func.functional_call`), so a gradient can be taken w.r.t. anything they are computed from.
+    Preconditioning (EDM v-prediction): c_in = 1/√(σ²+1), c_skip = 1/(σ²+1), c_out = −σ/√(σ²+1),
+    c_noise = ¼ ln σ; loss = mean(((1+σ²)/σ²)·(c_skip·z_t + c_out·v − z)²).
+    """
+    s = sigma[:, None, None, None, None]
+    z_t = z + s * eps
+    c_in, c_skip, c_out = (s**2 + 1) ** -0.5, 1 / (s**2 + 1), -s / (s**2 + 1) ** 0.5
+    c_noise = 0.25 * sigma.log()
+
+    def unet_input(scaled, keyframe: TorchConditioning):
+        frames = keyframe.image_latent[:, None].expand(-1, scaled.shape[1], -1, -1, -1)
+        return torch.cat([scaled, frames.to(scaled.dtype)], dim=2)
+
+    maps: dict[str, torch.Tensor] = {}
+    set_temporal_processors(ref_unet, lambda name: TensorCaptureProcessor(maps, name))
+    set_temporal_processors(unet, lambda name: TensorInjectProcessor(maps, name, rotate, inject_scores))
+    ref_dtype = next(ref_unet.parameters()).dtype
+    with torch.no_grad():
+        reference = reference.to(ref_dtype)
+        ref_unet(unet_input(c_in * z_t.flip(1), reference).to(ref_dtype), c_noise.to(ref_dtype),
+                 encoder_hidden_states=reference.image_embeds, added_time_ids=reference.added_time_ids)
+    args = (unet_input(c_in * z_t, cond), c_noise)
+    kwargs = dict(encoder_hidden_states=cond.image_embeds, added_time_ids=cond.added_time_ids, return_dict=False)
+    with autocast():
+        v = (unet(*args, **kwargs) if params is None else torch.func.functional_call(unet, params, args, kwargs))[0]
+    x0 = c_skip * z_t + c_out * v.float()
+    return ((1 + s**2) / s**2 * (x0 - z) ** 2).mean()

@@ -29,13 +29,28 @@ class GroupNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((num_channels,), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        return self.normalize(x, *self.moments(x))
+
+    def group(self, x: jax.Array) -> jax.Array:
+        """Returns float32 `x` viewed as `[..., groups, C/groups]`."""
         c = x.shape[-1]
-        grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
-        axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
+        return x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
+
+    @staticmethod
+    def statistic_axes(grouped: jax.Array) -> tuple[int, ...]:
+        """The axes of a grouped array that one statistic spans: all but the row axis and the group axis."""
+        return tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
+
+    def moments(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Returns (mean, variance) per row and group (two-pass), shaped to broadcast against `group(x)`."""
+        grouped = self.group(x)
+        axes = self.statistic_axes(grouped)
         mean = grouped.mean(axes, keepdims=True)
-        centered = grouped - mean
-        var = jnp.square(centered).mean(axes, keepdims=True)
-        y = (centered * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+        return mean, jnp.square(grouped - mean).mean(axes, keepdims=True)
+
+    def normalize(self, x: jax.Array, mean: jax.Array, var: jax.Array) -> jax.Array:
+        """Returns `x` normalized with the given group moments, then scaled and shifted, in `x`'s dtype."""
+        y = ((self.group(x) - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
         return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
 
 

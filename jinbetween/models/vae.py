@@ -96,11 +96,12 @@ class MidBlockTemporalDecoder(nnx.Module):
         self.resnets = nnx.List([_decoder_resblock(channels, channels, rngs) for _ in range(layers)])
         self.attentions = nnx.List([VAEAttention(channels, impl=impl, rngs=rngs)])
 
-    def __call__(self, x: jax.Array, num_frames: int) -> jax.Array:
-        x = self.resnets[0](x, None, num_frames)
+    def layers(self) -> list:
+        """The block's layers in call order: resnet₀, then each (attention, resnet)."""
+        out = [self.resnets[0]]
         for resnet, attention in zip(self.resnets[1:], self.attentions):
-            x = resnet(attention(x), None, num_frames)
-        return x
+            out += [attention, resnet]
+        return out
 
 
 class UpBlockTemporalDecoder(nnx.Module):
@@ -108,10 +109,9 @@ class UpBlockTemporalDecoder(nnx.Module):
         self.resnets = nnx.List([_decoder_resblock(in_ch if i == 0 else out_ch, out_ch, rngs) for i in range(layers)])
         self.upsamplers = nnx.List([Upsample2D(out_ch, rngs=rngs)]) if upsample else None
 
-    def __call__(self, x: jax.Array, num_frames: int) -> jax.Array:
-        for resnet in self.resnets:
-            x = resnet(x, None, num_frames)
-        return x if self.upsamplers is None else self.upsamplers[0](x)
+    def layers(self) -> list:
+        """The block's layers in call order: its resnets, then the upsampler if any."""
+        return list(self.resnets) + ([] if self.upsamplers is None else [self.upsamplers[0]])
 
 
 class TemporalDecoder(nnx.Module):
@@ -129,14 +129,110 @@ class TemporalDecoder(nnx.Module):
         self.conv_norm_out = GroupNorm(cfg.block_out_channels[0], eps=EPS, rngs=rngs)
         self.conv_out = conv2d(cfg.block_out_channels[0], cfg.out_channels, 3, rngs=rngs)
         self.time_conv_out = temporal_conv(cfg.out_channels, cfg.out_channels, rngs=rngs)
+        self.lean = cfg.lean_decode
+
+    def layers(self) -> list:
+        """The decoder up to `time_conv_out` in call order: per-frame callables `[N, H, W, C] → [N, H', W', C']`
+        and SpatioTemporalResBlocks (a per-frame part, then a part that mixes the frames)."""
+        head = [self.conv_in, *self.mid_block.layers()]
+        body = [layer for block in self.up_blocks for layer in block.layers()]
+        return [*head, *body, lambda x: self.conv_out(jax.nn.silu(self.conv_norm_out(x)))]
 
     def __call__(self, z: jax.Array, num_frames: int) -> jax.Array:
-        x = self.mid_block(self.conv_in(z), num_frames)
-        for block in self.up_blocks:
-            x = block(x, num_frames)
-        x = self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+        per_frame = []  # per-frame layers not yet applied; the lean path runs them together, frame by frame
+        x = z
+        for layer in self.layers():
+            if isinstance(layer, SpatioTemporalResBlock):
+                if not self.lean:
+                    x = layer(x, None, num_frames)
+                    continue
+                per_frame.append(functools.partial(layer.spatial_res_block, temb=None))
+                x = _frame_by_frame(per_frame, x)
+                per_frame = []
+                x = _temporal_blend_by_rows(layer, x.reshape(-1, num_frames, *x.shape[1:])).reshape(x.shape)
+            elif self.lean:
+                per_frame.append(layer)
+            else:
+                x = layer(x)
+        x = _frame_by_frame(per_frame, x)
         video = x.reshape(-1, num_frames, *x.shape[1:])
         return self.time_conv_out(video).reshape(x.shape)
+
+
+# Lean decoding: the same layers, evaluated so that few full-resolution tensors of a chunk are alive at once.
+
+ROW_TILE_ELEMENTS = 1 << 26  # elements of one row tile of a temporal block (128 MiB in bf16)
+
+
+def _frame_by_frame(layers: list, x: jax.Array) -> jax.Array:
+    """Returns `layers` applied in turn to `x [N, H, W, C]`, one row (frame) at a time (`lax.map`)."""
+    if not layers:
+        return x
+
+    def one_frame(i, out):
+        y = jax.lax.dynamic_slice_in_dim(x, i, 1)
+        for layer in layers:
+            y = layer(y)
+        return jax.lax.dynamic_update_slice_in_dim(out, y, i, axis=0)
+
+    out_struct = jax.eval_shape(lambda x: _apply(layers, x[:1]), x)
+    # The output buffer is made from x's data so that the scheduler cannot allocate it before x exists
+    # (independent buffers of consecutive loops were otherwise all placed at the program's start).
+    init = jnp.zeros((x.shape[0], *out_struct.shape[1:]), out_struct.dtype) * x[0, 0, 0, 0].astype(out_struct.dtype)
+    return jax.lax.fori_loop(0, x.shape[0], one_frame, init)
+
+
+def _apply(layers: list, x: jax.Array) -> jax.Array:
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+def _row_tiles(video: jax.Array) -> int:
+    """Returns the number of equal row tiles of `video [B, F, H, W, C]`: the fewest within ROW_TILE_ELEMENTS."""
+    height = video.shape[2]
+    row = video.size // height
+    return next(n for n in range(1, height + 1) if height % n == 0 and (height // n) * row <= ROW_TILE_ELEMENTS
+                or n == height)
+
+
+def _temporal_blend_by_rows(block: SpatioTemporalResBlock, video: jax.Array) -> jax.Array:
+    """Returns `block`'s temporal part and blend on its spatial output `video [B, F, H, W, C]`, in row tiles.
+
+    The temporal layers are pointwise in space, so rows are independent except for the GroupNorm
+    statistics, which span the whole video: norm1's come from `video`, norm2's from its first conv's output,
+    accumulated tile by tile (Chan's pairwise mean/variance merge) without holding that output, which the
+    second pass recomputes per tile. Equal to `block.time_mixer(video, block.temporal_res_block(video))` up to
+    float summation order.
+    """
+    temporal = block.temporal_res_block
+    tiles = _row_tiles(video)
+    rows = video.shape[2] // tiles
+    moments1 = temporal.norm1.moments(video)
+
+    def tile(i):  # rows [i·rows, (i+1)·rows), sliced in place: a transposed copy would cost a whole video
+        return jax.lax.dynamic_slice_in_dim(video, i * rows, rows, axis=2)
+
+    def first_conv(x):
+        return temporal.conv1(jax.nn.silu(temporal.norm1.normalize(x, *moments1)))
+
+    def tile_moments(i):
+        grouped = temporal.norm2.group(first_conv(tile(i)))
+        axes = temporal.norm2.statistic_axes(grouped)
+        mean = grouped.mean(axes, keepdims=True)
+        return mean, jnp.square(grouped - mean).sum(axes, keepdims=True)
+
+    means, sums_sq = jax.lax.map(tile_moments, jnp.arange(tiles))  # per tile: mean and Σ(x − mean)²
+    count = video.size // (tiles * video.shape[0] * temporal.norm2.num_groups)  # elements per tile and group
+    mean = means.mean(0)
+    var = (sums_sq.sum(0) + count * jnp.square(means - mean).sum(0)) / (tiles * count)
+
+    def blend_tile(i, out):  # each tile's output depends on that tile alone: written over the input in place
+        x = jax.lax.dynamic_slice_in_dim(out, i * rows, rows, axis=2)
+        h2 = temporal.conv2(jax.nn.silu(temporal.norm2.normalize(first_conv(x), mean, var)))
+        return jax.lax.dynamic_update_slice_in_dim(out, block.time_mixer(x, x + h2), i * rows, axis=2)
+
+    return jax.lax.fori_loop(0, tiles, blend_tile, video)
 
 
 class VAE(nnx.Module):
