@@ -71,9 +71,14 @@ def main() -> None:
                         "(bounds XLA's temporaries to one op; for float32 at highest precision on GPU)")
     parser.add_argument("--per-block", default="", help="comma-separated dtypes to run with one jit per down/mid/up "
                         "block (bounds XLA's temporaries to the largest block)")
+    parser.add_argument("--precision", default="highest", choices=["default", "high", "highest"],
+                        help="JAX matmul precision for float32. On GPU, 'highest' plans ~20x the temporaries of "
+                             "'default'; 'default' with NVIDIA_TF32_OVERRIDE=0 and Triton GEMMs off "
+                             "(XLA_FLAGS=--xla_gpu_enable_triton_gemm=false) computes in full float32 through "
+                             "cuBLAS/cuDNN, which the measured error shows")
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args()
-    jax.config.update("jax_default_matmul_precision", "highest")
+    jax.config.update("jax_default_matmul_precision", args.precision)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -153,7 +158,8 @@ def main() -> None:
             "dtype": dtype_name,
             "mode": ("one jit per block" if dtype_name in args.per_block.split(",") else
                      "eager (op by op)" if compile_s is None else "jit"),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "matmul_precision": args.precision,
+            "NVIDIA_TF32_OVERRIDE": os.environ.get("NVIDIA_TF32_OVERRIDE"),
             "spatial_attention_kernel": resolve_attention_impl(cfg.attention_impl, dtype, cfg.block_out_channels[0]
                                                                // cfg.num_attention_heads[0]),
             "relative_error": relative(v, v_ref),

@@ -32,7 +32,7 @@ def run_jax(args) -> dict:
     from jinbetween import config
     from jinbetween.models import VAE
 
-    vae = VAE(config.svd_vae(), rngs=nnx.Rngs(0))
+    vae = VAE(config.svd_vae().replace(lean_decode=args.impl == "jax"), rngs=nnx.Rngs(0))
     nnx.update(vae, jax.tree.map(lambda p: p.astype(jnp.bfloat16), nnx.state(vae)))
     latents = jax.random.normal(jax.random.key(0), (args.frames, args.height // 8, args.width // 8, 4))
     start = time.perf_counter()
@@ -43,7 +43,8 @@ def run_jax(args) -> dict:
         start = time.perf_counter()
         jax.block_until_ready(vae.decode_video(latents, args.chunk))
         times.append(time.perf_counter() - start)
-    return {"impl": "jinbetween", "dtype": "bfloat16", "first_call_s": first, "median_s": statistics.median(times),
+    name = "jinbetween" if args.impl == "jax" else "jinbetween, lean_decode=False"
+    return {"impl": name, "dtype": "bfloat16", "first_call_s": first, "median_s": statistics.median(times),
             "times_s": times, "peak_bytes": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use"),
             "versions": {"jax": jax.__version__}}
 
@@ -81,7 +82,9 @@ def run_torch(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--impl", choices=["jax", "torch"], help="run one configuration (used by the driver)")
+    parser.add_argument("--impl", choices=["jax", "jax-whole", "torch"],
+                        help="run one configuration (used by the driver); jax-whole: lean_decode off")
+    parser.add_argument("--impls", default="torch,jax,jax-whole", help="configurations the driver runs")
     parser.add_argument("--chunks", default="25,8")
     parser.add_argument("--chunk", type=int, default=25)
     parser.add_argument("--frames", type=int, default=25)
@@ -91,11 +94,11 @@ def main() -> None:
     parser.add_argument("--out", help="JSON file of the whole comparison (driver mode)")
     args = parser.parse_args()
     if args.impl:
-        print(json.dumps({"chunk": args.chunk, **(run_jax(args) if args.impl == "jax" else run_torch(args))}))
+        print(json.dumps({"chunk": args.chunk, **(run_torch(args) if args.impl == "torch" else run_jax(args))}))
         return
     results = []
     for chunk in (int(c) for c in args.chunks.split(",")):
-        for impl in ("torch", "jax"):
+        for impl in args.impls.split(","):
             cmd = [sys.executable, __file__, "--impl", impl, "--chunk", str(chunk), "--frames", str(args.frames),
                    "--height", str(args.height), "--width", str(args.width), "--repeats", str(args.repeats)]
             done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
