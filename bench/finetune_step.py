@@ -1,6 +1,6 @@
 """One GI backward-motion fine-tune step: jinbetween (bf16 UNet, fp32 delta) beside GI's PyTorch step, one GPU.
 
-    PYTHONPATH=. python bench/finetune_step.py --out bench/results/finetune_step.json [--tiny] [--remat/--no-remat]
+    PYTHONPATH=. python bench/finetune_step.py --out bench/results/finetune_step.json [--tiny] [--remat none,high_res]
 
 Target (issue): the jinbetween step ≤ 0.6× the torch step time, and its peak ≤ 40 GB. Full size is GI's training
 setting: 14-frame SVD (`config.svd()`), 576×1024 (latent 72×128), batch 1, random weights (times and memory do not
@@ -128,6 +128,7 @@ def run_torch(args) -> dict:
     with torch.device(device):
         unet = UNetSpatioTemporalConditionModel(**{k: v for k, v in cfg.to_diffusers().items()
                                                    if not k.startswith("_")})
+    unet = unet.to(device)  # AlphaBlender's legacy torch.Tensor([...]) ignores the device context
     ref_unet = copy.deepcopy(unet).to(half).requires_grad_(False).eval()
     unet.requires_grad_(False).train()
     weights = dict(unet.named_parameters())
@@ -197,7 +198,8 @@ def sides(args) -> list[tuple[str, list[str]]]:
     out = []
     for impl in args.impls.split(","):
         if impl == "jax":
-            out.append((f"jinbetween remat={'on' if args.remat else 'off'}", []))
+            for remat in args.remat.split(","):
+                out.append((f"jinbetween remat={remat}", ["--remat", remat]))
         else:
             for ckpt in ("off", "on") if args.torch_checkpointing == "both" else (args.torch_checkpointing,):
                 out.append((f"torch checkpointing={ckpt} inject={args.torch_inject}",
@@ -227,8 +229,8 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=576)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=5, help="warm steps timed after the first")
-    parser.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True,
-                        help="jinbetween: TrainConfig.remat (recompute the trainable UNet in the backward pass)")
+    parser.add_argument("--remat", default="high_res,none",
+                        help="jinbetween: TrainConfig.remat settings to run, comma-separated (none, high_res, all)")
     parser.add_argument("--torch-checkpointing", choices=["off", "on", "both"], default="both",
                         help="torch: diffusers gradient checkpointing (GI's script: off)")
     parser.add_argument("--torch-inject", choices=["lean", "gi"], default="lean",
@@ -259,7 +261,7 @@ def main() -> None:
         impl = "jax" if label.startswith("jinbetween") else "torch"
         cmd = [sys.executable, __file__, "--impl", impl, "--frames", str(args.frames), "--height", str(args.height),
                "--width", str(args.width), "--repeats", str(args.repeats), "--torch-inject", args.torch_inject,
-               "--remat" if args.remat else "--no-remat", *extra] + (["--tiny"] if args.tiny else [])
+               *extra] + (["--tiny"] if args.tiny else [])
         start = time.perf_counter()
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)

@@ -72,10 +72,10 @@ def main() -> None:
     parser.add_argument("--per-block", default="", help="comma-separated dtypes to run with one jit per down/mid/up "
                         "block (bounds XLA's temporaries to the largest block)")
     parser.add_argument("--precision", default="highest", choices=["default", "high", "highest"],
-                        help="JAX matmul precision for float32. On GPU, 'highest' plans ~20x the temporaries of "
-                             "'default'; 'default' with NVIDIA_TF32_OVERRIDE=0 and Triton GEMMs off "
-                             "(XLA_FLAGS=--xla_gpu_enable_triton_gemm=false) computes in full float32 through "
-                             "cuBLAS/cuDNN, which the measured error shows")
+                        help="JAX matmul precision for float32 (default highest). On GPU, full float32 convolutions "
+                             "make XLA's autotuner pick cuDNN algorithms whose scratch totals ~240 GB; "
+                             "XLA_FLAGS=--xla_gpu_autotune_level=0 keeps the default algorithms (12 GB, ~2 min per "
+                             "call). 'high' and 'default' are faster and ~1e-3 off")
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args()
     jax.config.update("jax_default_matmul_precision", args.precision)

@@ -96,28 +96,26 @@ def main() -> None:
     if args.impl:
         print(json.dumps({"chunk": args.chunk, **(run_torch(args) if args.impl == "torch" else run_jax(args))}))
         return
-    results = []
+    import jax
+
+    flops = FLOPS_PER_FRAME_576x1024 * args.frames * (args.height * args.width) / (576 * 1024)
+    report = {"what": "VAE decode of latents [F, h, w, 4] to frames, median of repeats after warm-up",
+              "frames": args.frames, "image": [args.height, args.width], "device": jax.devices()[0].device_kind,
+              "python": platform.python_version(), "flops_counted": flops, "results": []}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for chunk in (int(c) for c in args.chunks.split(",")):
         for impl in args.impls.split(","):
             cmd = [sys.executable, __file__, "--impl", impl, "--chunk", str(chunk), "--frames", str(args.frames),
                    "--height", str(args.height), "--width", str(args.width), "--repeats", str(args.repeats)]
             done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
             if done.returncode:
-                results.append({"impl": impl, "chunk": chunk, "error": done.stderr[-2000:]})
+                result = {"impl": impl, "chunk": chunk, "error": done.stderr[-2000:]}
             else:
-                results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(json.dumps(results[-1])[:400], flush=True)
-    flops = FLOPS_PER_FRAME_576x1024 * args.frames * (args.height * args.width) / (576 * 1024)
-    for r in results:
-        if "median_s" in r:
-            r["achieved_TFLOPs"] = flops / r["median_s"] / 1e12
-    import jax
-
-    report = {"what": "VAE decode of latents [F, h, w, 4] to frames, median of repeats after warm-up",
-              "frames": args.frames, "image": [args.height, args.width], "device": jax.devices()[0].device_kind,
-              "python": platform.python_version(), "flops_counted": flops, "results": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                result["achieved_TFLOPs"] = flops / result["median_s"] / 1e12
+            report["results"].append(result)
+            print(json.dumps(result)[:400], flush=True)
+            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")  # after each: a cut-off run keeps its part
 
 
 if __name__ == "__main__":

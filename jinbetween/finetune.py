@@ -24,7 +24,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Collection, NamedTuple, Sequence
 
 import chex
 import jax
@@ -43,18 +43,22 @@ from jinbetween.delta import BACKWARD_DELTA, Delta, delta_keys, delta_shapes, sa
 from jinbetween.errors import ConfigError
 from jinbetween.models.attention import AttnControl, rot180
 from jinbetween.models.state import ModelState
-from jinbetween.models.unet import UNet
+from jinbetween.models.unet import UNet, high_res_blocks
 from jinbetween.samplers.core import flip_time, unet_velocity
 
 log = logging.getLogger(__name__)
+
+
+REMAT_CHOICES = ("none", "high_res", "all")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimizer and noise-level settings of the backward-motion fine-tune (defaults: GI's training script).
 
-    remat: recompute the trainable UNet's activations in the backward pass (`jax.checkpoint`), trading
-    compute for memory at full resolution.
+    remat: which of the trainable UNet's blocks recompute their activations in the backward pass instead of
+    keeping them (`jax.checkpoint` per block): "none", "high_res" (the full-resolution down and up blocks:
+    most of the memory, less of the compute) or "all".
     """
 
     learning_rate: float = 1e-4
@@ -65,7 +69,11 @@ class TrainConfig:
     clip_norm: float = 1.0
     p_mean: float = 0.7
     p_std: float = 1.6
-    remat: bool = False
+    remat: str = "none"
+
+    def __post_init__(self):
+        if self.remat not in REMAT_CHOICES:
+            raise ConfigError(f"remat={self.remat!r}; choose one of {REMAT_CHOICES}.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,7 +191,7 @@ def draw_noise(key: jax.Array, shape: tuple[int, ...], cfg: TrainConfig) -> tupl
 
 
 def backward_loss(delta: Delta, unet: ModelState[UNet], batch: ClipBatch, sigma: jax.Array, eps: jax.Array,
-                  remat: bool = False) -> jax.Array:
+                  remat: bool | Collection[str] = False) -> jax.Array:
     """Returns the EDM-weighted x0 loss (scalar) of the backward model base + `delta` on `batch`.
 
     sigma: `[B]`, eps: `[B, F, h, w, C]`. The frozen forward pass (base weights) only supplies the
@@ -194,11 +202,8 @@ def backward_loss(delta: Delta, unet: ModelState[UNet], batch: ClipBatch, sigma:
     _, maps = unet_velocity(unet, flip_time(z_t), sigma, batch.reference, guided=False, attn=AttnControl.capture())
     maps = jax.lax.stop_gradient(rot180(maps))
 
-    def trainable_velocity(delta):
-        return unet_velocity(with_delta(unet, delta), z_t, sigma, batch.cond, guided=False,
-                             attn=AttnControl.inject(maps))
-
-    v = (jax.checkpoint(trainable_velocity) if remat else trainable_velocity)(delta)
+    v = unet_velocity(with_delta(unet, delta), z_t, sigma, batch.cond, guided=False, attn=AttnControl.inject(maps),
+                      remat=remat)
     sigma_ = sigma[:, None, None, None, None]
     weight = (1 + sigma_**2) / sigma_**2
     return jnp.mean(weight * (schedule.denoised(z_t, v, sigma_) - z) ** 2)
@@ -220,7 +225,8 @@ def train_step(unet: ModelState[UNet], train_state: TrainState, batch: ClipBatch
     """
     chex.assert_rank(batch.latents, 5)
     sigma, eps = draw_noise(key, batch.latents.shape, cfg)
-    loss, grads = jax.value_and_grad(backward_loss)(train_state.delta, unet, batch, sigma, eps, cfg.remat)
+    remat = {"none": False, "all": True, "high_res": high_res_blocks(unet.merge().config)}[cfg.remat]
+    loss, grads = jax.value_and_grad(backward_loss)(train_state.delta, unet, batch, sigma, eps, remat)
     updates, opt_state = optimizer(cfg).update(grads, train_state.opt_state,
                                                _decay_targets(unet, train_state.delta))
     delta = optax.apply_updates(train_state.delta, updates)

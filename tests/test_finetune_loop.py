@@ -16,7 +16,9 @@ from jinbetween.errors import ConfigError
 from jinbetween.finetune import (CHECKPOINTS, LOG_FILE, LOSS_PLOT, RunConfig, TrainConfig, backward_loss,
                                  draw_noise, finetune, init_train_state, train_step)
 from jinbetween.models.state import ModelState
+from jinbetween.models.unet import high_res_blocks
 from jinbetween.video import read_video
+from tests.helpers import assert_close
 from tests.torch_reference import diffusers_svd_pipeline
 
 H, W, F = 16, 24, 3
@@ -134,10 +136,13 @@ def test_remat_gives_the_same_loss_and_gradients(pipeline, dataset):
     sigma, eps = draw_noise(jax.random.key(0), batch.latents.shape, TRAIN)
     delta = init_train_state(unet, TRAIN).delta
     grad = jax.jit(jax.value_and_grad(backward_loss), static_argnums=5)
-    (plain, g_plain), (remat, g_remat) = (grad(delta, unet, batch, sigma, eps, r) for r in (False, True))
-    np.testing.assert_allclose(float(remat), float(plain), rtol=1e-6)
-    for key in delta:
-        np.testing.assert_allclose(g_remat[key], g_plain[key], rtol=1e-5, atol=1e-9, err_msg=key)
+    plain, g_plain = grad(delta, unet, batch, sigma, eps, False)
+    for remat in (True, high_res_blocks(pipeline.unet.config)):
+        loss, g_remat = grad(delta, unet, batch, sigma, eps, remat)
+        np.testing.assert_allclose(float(loss), float(plain), rtol=1e-6)
+        # Recomputation fuses differently: float32 summation order only, ~1e-7 of each tensor's largest entry.
+        for key in delta:
+            assert_close(g_remat[key], g_plain[key], 1e-5, f"remat={remat} gradient of {key}")
 
 
 def test_bf16_base_keeps_float32_master_updates_that_bf16_would_round_away(pipeline, dataset):

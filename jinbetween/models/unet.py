@@ -7,6 +7,7 @@ so a converted checkpoint can be audited key by key.
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 
 import jax
 import jax.numpy as jnp
@@ -136,12 +137,20 @@ class UNet(nnx.Module):
         return temporal_attention_layers(self.config)
 
     def __call__(self, x: jax.Array, c_noise: jax.Array, image_embeds: jax.Array, added_time_ids: jax.Array,
-                 *, attn: AttnControl | None = None) -> jax.Array | tuple[jax.Array, Maps]:
+                 *, attn: AttnControl | None = None,
+                 remat: bool | Collection[str] = False) -> jax.Array | tuple[jax.Array, Maps]:
         """Returns v `[B, F, h, w, out]` (float32), and the captured maps too when `attn` captures.
 
         x: `[B, F, h, w, in]` noisy latents (scaled by c_in) concatenated with the conditioning latents.
         c_noise: `[B]` or scalar, 0.25·ln σ. image_embeds: `[B, L, cross_dim]`. added_time_ids: `[B, ids]`.
+        remat: under differentiation, keep only a block's inputs and recompute its activations in the backward
+        pass (`jax.checkpoint` per block): True for every down/mid/up block, or the names of some (e.g.
+        `high_res_blocks(config)`, whose activations are the largest); the same values, less training memory.
         """
+        names = [name for name, _ in self.blocks()]
+        rematted = set(names) if remat is True else set(remat or ())
+        if not rematted <= set(names):
+            raise ValueError(f"remat names unknown blocks {sorted(rematted - set(names))}; the blocks are {names}.")
         cfg = self.config
         control = NO_CONTROL if attn is None else attn
         b, f, h, w = self._check_inputs(x, c_noise, image_embeds, added_time_ids)
@@ -156,21 +165,30 @@ class UNet(nnx.Module):
 
         z = self.conv_in(x.astype(dtype).reshape(b * f, h, w, -1))
         skips, maps = [z], {}
-        for block in self.down_blocks:
-            z, block_skips, block_maps = block(z, temb, context, f, control)
+        for i, block in enumerate(self.down_blocks):
+            z, block_skips, block_maps = _call_block(block, f"down_blocks.{i}" in rematted,
+                                                     lambda m, *a: m(*a, f, control), z, temb, context)
             skips += block_skips
             maps.update(block_maps)
-        z, block_maps = self.mid_block(z, temb, context, f, control)
+        z, block_maps = _call_block(self.mid_block, "mid_block" in rematted, lambda m, *a: m(*a, f, control),
+                                    z, temb, context)
         maps.update(block_maps)
-        for block in self.up_blocks:
+        for i, block in enumerate(self.up_blocks):
             skips_of_block = skips[-len(block.resnets):]
             del skips[-len(block.resnets):]
             upsample_size = skips[-1].shape[1:3] if skips else None
-            z, block_maps = block(z, skips_of_block, temb, context, f, control, upsample_size)
+            z, block_maps = _call_block(
+                block, f"up_blocks.{i}" in rematted, lambda m, z, s, t, c: m(z, s, t, c, f, control, upsample_size),
+                z, skips_of_block, temb, context)
             maps.update(block_maps)
         z = self.conv_out(jax.nn.silu(self.conv_norm_out(z)))
         v = z.reshape(b, f, h, w, -1).astype(jnp.float32)
         return (v, maps) if control.mode == "capture" else v
+
+    def blocks(self) -> list[tuple[str, nnx.Module]]:
+        """The down, mid and up blocks with their diffusers names, in call order."""
+        return ([(f"down_blocks.{i}", b) for i, b in enumerate(self.down_blocks)] + [("mid_block", self.mid_block)]
+                + [(f"up_blocks.{i}", b) for i, b in enumerate(self.up_blocks)])
 
     def _check_inputs(self, x, c_noise, image_embeds, added_time_ids) -> tuple[int, int, int, int]:
         cfg = self.config
@@ -198,6 +216,21 @@ class UNet(nnx.Module):
         from jinbetween.conversion import UNET_COMPONENT, load_component
 
         return load_component(path, UNET_COMPONENT, dtype=dtype, **runtime)
+
+
+def _call_block(block: nnx.Module, remat: bool, call, *arrays):
+    """Returns `call(block, *arrays)`, as one `jax.checkpoint` region of the block's parameters and `arrays` if
+    `remat`. `call` closes over the static arguments and the attention control (whose maps are constants here)."""
+    if not remat:
+        return call(block, *arrays)
+    graphdef, state = nnx.split(block)
+    return jax.checkpoint(lambda state, *arrays: call(nnx.merge(graphdef, state), *arrays))(state, *arrays)
+
+
+def high_res_blocks(cfg: UNetConfig) -> tuple[str, str]:
+    """The blocks at full latent resolution, the first down and the last up block: the bulk of the activation
+    memory of a backward pass, and less than half of the FLOPs (SVD-XT: down_blocks.0 and up_blocks.3)."""
+    return "down_blocks.0", f"up_blocks.{len(cfg.block_out_channels) - 1}"
 
 
 def temporal_attention_layers(cfg: UNetConfig) -> tuple[str, ...]:

@@ -65,11 +65,11 @@ def cfg_pp_step(x0: jax.Array, x: jax.Array, x0_uncond: jax.Array, sigma: jax.Ar
 
 
 def unet_velocity(unet: ModelState[UNet], x: jax.Array, sigma: jax.Array, cond: Conditioning, *, guided: bool,
-                  attn: AttnControl | None = None, sigma_in: jax.Array | None = None):
+                  attn: AttnControl | None = None, sigma_in: jax.Array | None = None, remat: bool = False):
     """Returns the UNet's v for latents `x [B, F, h, w, C]` at σ: `[uncond; cond]` (2B rows) if guided, else B rows.
 
     σ is a scalar or one per clip `[B]`. `sigma_in` (default σ) sets the input scale 1/√(σ_in² + 1). With
-    `attn` capturing, also returns the maps.
+    `attn` capturing, also returns the maps. `remat` rematerializes per UNet block when differentiated.
     """
     embeds, image_latents, time_ids = cfg_batch(cond, guided=guided)
     per_clip = lambda s: jnp.broadcast_to(s, x.shape[:1])  # noqa: E731
@@ -81,7 +81,7 @@ def unet_velocity(unet: ModelState[UNet], x: jax.Array, sigma: jax.Array, cond: 
     unet_input = jnp.concatenate([scaled, frames], axis=-1)
     if _unet_call_hook is not None:
         jax.debug.callback(_unet_call_hook, ordered=True)
-    return unet.merge()(unet_input, c_noise, embeds, time_ids, attn=attn)
+    return unet.merge()(unet_input, c_noise, embeds, time_ids, attn=attn, remat=remat)
 
 
 def guided_velocity(unet: ModelState[UNet], x: jax.Array, sigma: jax.Array, cond: Conditioning,
