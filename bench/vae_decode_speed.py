@@ -32,7 +32,12 @@ def run_jax(args) -> dict:
     from jinbetween import config
     from jinbetween.models import VAE
 
-    vae = VAE(config.svd_vae().replace(lean_decode=args.impl == "jax"), rngs=nnx.Rngs(0))
+    from jinbetween.models import vae as vae_module
+
+    lean = args.impl.startswith("jax:") or args.impl == "jax"
+    if args.impl.startswith("jax:"):
+        vae_module.FRAMES_PER_STEP = int(args.impl.split(":")[1])
+    vae = VAE(config.svd_vae().replace(lean_decode=lean), rngs=nnx.Rngs(0))
     nnx.update(vae, jax.tree.map(lambda p: p.astype(jnp.bfloat16), nnx.state(vae)))
     latents = jax.random.normal(jax.random.key(0), (args.frames, args.height // 8, args.width // 8, 4))
     start = time.perf_counter()
@@ -43,7 +48,8 @@ def run_jax(args) -> dict:
         start = time.perf_counter()
         jax.block_until_ready(vae.decode_video(latents, args.chunk))
         times.append(time.perf_counter() - start)
-    name = "jinbetween" if args.impl == "jax" else "jinbetween, lean_decode=False"
+    name = (f"jinbetween, {vae_module.FRAMES_PER_STEP} frame(s) per step" if lean else
+            "jinbetween, lean_decode=False")
     return {"impl": name, "dtype": "bfloat16", "first_call_s": first, "median_s": statistics.median(times),
             "times_s": times, "peak_bytes": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use"),
             "versions": {"jax": jax.__version__}}
@@ -82,8 +88,9 @@ def run_torch(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--impl", choices=["jax", "jax-whole", "torch"],
-                        help="run one configuration (used by the driver); jax-whole: lean_decode off")
+    parser.add_argument("--impl", help="run one configuration (used by the driver): torch, jax (lean decode), "
+                                       "jax:K (lean, K frames per step of the per-frame layers), jax-whole "
+                                       "(lean_decode off)")
     parser.add_argument("--impls", default="torch,jax,jax-whole", help="configurations the driver runs")
     parser.add_argument("--chunks", default="25,8")
     parser.add_argument("--chunk", type=int, default=25)

@@ -162,24 +162,24 @@ class TemporalDecoder(nnx.Module):
 # Lean decoding: the same layers, evaluated so that few full-resolution tensors of a chunk are alive at once.
 
 ROW_TILE_ELEMENTS = 1 << 26  # elements of one row tile of a temporal block (128 MiB in bf16)
+FRAMES_PER_STEP = 1  # frames per step of the per-frame layers (the largest divisor of the chunk up to this)
 
 
 def _frame_by_frame(layers: list, x: jax.Array) -> jax.Array:
-    """Returns `layers` applied in turn to `x [N, H, W, C]`, one row (frame) at a time (`lax.map`)."""
+    """Returns `layers` applied in turn to `x [N, H, W, C]`, a few rows (frames) at a time (`fori_loop`)."""
     if not layers:
         return x
+    group = max(g for g in range(1, FRAMES_PER_STEP + 1) if x.shape[0] % g == 0)
 
-    def one_frame(i, out):
-        y = jax.lax.dynamic_slice_in_dim(x, i, 1)
-        for layer in layers:
-            y = layer(y)
-        return jax.lax.dynamic_update_slice_in_dim(out, y, i, axis=0)
+    def frames(i, out):
+        y = _apply(layers, jax.lax.dynamic_slice_in_dim(x, i * group, group))
+        return jax.lax.dynamic_update_slice_in_dim(out, y, i * group, axis=0)
 
-    out_struct = jax.eval_shape(lambda x: _apply(layers, x[:1]), x)
+    out_struct = jax.eval_shape(lambda x: _apply(layers, x[:group]), x)
     # The output buffer is made from x's data so that the scheduler cannot allocate it before x exists
     # (independent buffers of consecutive loops were otherwise all placed at the program's start).
     init = jnp.zeros((x.shape[0], *out_struct.shape[1:]), out_struct.dtype) * x[0, 0, 0, 0].astype(out_struct.dtype)
-    return jax.lax.fori_loop(0, x.shape[0], one_frame, init)
+    return jax.lax.fori_loop(0, x.shape[0] // group, frames, init)
 
 
 def _apply(layers: list, x: jax.Array) -> jax.Array:
