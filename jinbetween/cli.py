@@ -226,9 +226,9 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the clip order and the noise (default 0)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     parser.add_argument("--remat", choices=["none", "high_res", "all"], default="none",
-                        help="UNet blocks that recompute their activations in the backward pass: high_res (the "
-                             "full-resolution blocks; SVD at 576×1024 then fits in ~25 GB) or all (least memory, "
-                             "slowest); default none")
+                        help="UNet blocks that recompute their activations in the backward pass (default none). "
+                             "Measured for SVD, 14×576×1024, batch 1, H200: none 43.4 GB, 0.37 s/step; high_res "
+                             "(the full-resolution blocks) 37.8 GB, 0.43 s; all 18.9 GB, 0.48 s")
     parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
                         help="dtype of the frozen model (auto: bfloat16 on GPU, float32 on CPU); the trained "
                              "delta is always float32")
