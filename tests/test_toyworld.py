@@ -192,3 +192,21 @@ def test_bad_inputs_name_the_fix():
         toyworld.sample_scene(-1, CFG)
     with pytest.raises(ValueError, match="finite times >= 0"):
         toyworld.render(toyworld.sample_scene(0, CFG), CFG, [0.0, -1.0])
+
+
+def test_toy_model_configs_fit_together_and_stay_small():
+    import jax
+    from flax import nnx
+
+    from jinbetween.models import abstract_image_encoder, abstract_unet, abstract_vae
+    from jinbetween.toyworld import models
+
+    unet, vae, encoder = models.unet_config(), models.vae_config(), models.image_encoder_config()
+    world = WorldConfig()
+    assert encoder.projection_dim == unet.cross_attention_dim[0]
+    assert vae.latent_channels == unet.out_channels and unet.in_channels == 2 * vae.latent_channels
+    assert world.height % (vae.downsample_factor * unet.downsample_factor) == 0
+    assert world.height // vae.downsample_factor == unet.sample_size and world.num_frames == unet.num_frames
+    counts = [sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(nnx.state(m)))
+              for m in (abstract_unet(unet), abstract_vae(vae), abstract_image_encoder(encoder))]
+    assert 2 * sum(counts) < 50e6, f"{counts} parameters: over 50 MB in bf16"
