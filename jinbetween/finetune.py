@@ -270,6 +270,18 @@ def encode_clips(vae: ModelState, image_encoder: ModelState, pixels: jax.Array, 
     return ClipBatch(latents=latents.astype(jnp.float32), cond=cond, reference=reference)
 
 
+def clip_batch(pipeline, frames: np.ndarray, time_ids: jax.Array, key: jax.Array,
+               noise_aug_strength: float) -> ClipBatch:
+    """Returns the ClipBatch of uint8 clips `[B, F, H, W, 3]` in original time order, encoded by `pipeline`'s VAE
+    and image encoder (`encode_clips`), with the CLIP input of their last and first frames made on the host."""
+    frames = np.asarray(frames)
+    keyframes = np.concatenate([frames[:, -1], frames[:, 0]])
+    clip_input = conditioning.clip_pixels(keyframes, pipeline.image_encoder.config.image_size, pipeline.clip_mean,
+                                          pipeline.clip_std)
+    return encode_clips(ModelState.of(pipeline.vae), ModelState.of(pipeline.image_encoder),
+                        conditioning.vae_pixels(frames), clip_input, time_ids, key, noise_aug_strength)
+
+
 # --------------------------------------------------------------------------------------------------
 # The resumable loop.
 
@@ -340,7 +352,7 @@ def finetune(pipeline, dataset, out_dir: str | os.PathLike, run: RunConfig, trai
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    unet, vae, encoder = (ModelState.of(m) for m in (pipeline.unet, pipeline.vae, pipeline.image_encoder))
+    unet = ModelState.of(pipeline.unet)
     identity = _run_identity(dataset, run, train)
     state, position, first_step = init_train_state(unet, train), 0, 0
     with TrainingCheckpoints(out_dir / CHECKPOINTS, keep=run.keep) as checkpoints:
@@ -367,13 +379,8 @@ def finetune(pipeline, dataset, out_dir: str | os.PathLike, run: RunConfig, trai
             for step in range(first_step, run.steps):
                 start = time.perf_counter()
                 clips = next(loader)
-                frames = np.asarray(clips.frames)
-                keyframes = np.concatenate([frames[:, -1], frames[:, 0]])
-                clip_input = conditioning.clip_pixels(keyframes, pipeline.image_encoder.config.image_size,
-                                                      pipeline.clip_mean, pipeline.clip_std)
                 encode_key, noise_key = jax.random.split(jax.random.fold_in(root, step))
-                batch = encode_clips(vae, encoder, conditioning.vae_pixels(frames), clip_input, time_ids, encode_key,
-                                     run.noise_aug_strength)
+                batch = clip_batch(pipeline, clips.frames, time_ids, encode_key, run.noise_aug_strength)
                 state, metrics = train_step(unet, state, batch, noise_key, train)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 record = {"step": step + 1, **metrics, "seconds": round(time.perf_counter() - start, 4),

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jinbetween import Pipeline, data
+from jinbetween import Pipeline, conditioning, data
 from jinbetween.cli import main as cli_main
 from jinbetween.delta import load_delta
 from jinbetween.errors import ConfigError
-from jinbetween.finetune import (CHECKPOINTS, LOG_FILE, LOSS_PLOT, RunConfig, TrainConfig, backward_loss,
+from jinbetween.finetune import (CHECKPOINTS, LOG_FILE, LOSS_PLOT, RunConfig, TrainConfig, backward_loss, clip_batch,
                                  draw_noise, finetune, init_train_state, train_step)
 from jinbetween.models.state import ModelState
 from jinbetween.models.unet import high_res_blocks
@@ -159,12 +159,5 @@ def test_bf16_base_keeps_float32_master_updates_that_bf16_would_round_away(pipel
 
 
 def _batch(pipeline, dataset):
-    from jinbetween import conditioning
-    from jinbetween.finetune import encode_clips
-
     frames = np.stack([dataset.read_clip(0, 0), dataset.read_clip(1, 1)])
-    keyframes = np.concatenate([frames[:, -1], frames[:, 0]])
-    clip_input = conditioning.clip_pixels(keyframes, pipeline.image_encoder.config.image_size)
-    return encode_clips(ModelState.of(pipeline.vae), ModelState.of(pipeline.image_encoder),
-                        conditioning.vae_pixels(frames), clip_input, conditioning.added_time_ids(7, 127, 0.02),
-                        jax.random.key(2), 0.02)
+    return clip_batch(pipeline, frames, conditioning.added_time_ids(7, 127, 0.02), jax.random.key(2), 0.02)

@@ -32,7 +32,7 @@ from jinbetween.delta import delta_keys, delta_shapes
 from jinbetween.finetune import ClipBatch, backward_loss
 from jinbetween.models import abstract_unet
 from jinbetween.models.state import ModelState
-from tests.helpers import relative_error
+from tests.helpers import relative_error, torch_single_thread  # noqa: F401 (autouse fixture)
 from tests.torch_reference import TorchConditioning, diffusers_unet, gi_finetune_loss, state_dict_numpy
 
 TOL = 1e-4
@@ -40,15 +40,6 @@ CFG = config.tiny()
 FRAMES, SIZE, BATCH = 3, 8, 2
 SIGMA = np.array([0.45, 2.7], np.float32)  # one clip each side of GI's median σ = e^0.7 ≈ 2
 DELTA_SCALE = 0.05
-
-
-@pytest.fixture(scope="module", autouse=True)
-def torch_single_thread():
-    """Runs the oracle on one torch thread: on these tiny tensors more threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ from jinbetween.models.state import ModelState
 from jinbetween.samplers.core import Draws, draws_from_keys
 from jinbetween.samplers.gi import GIConfig, sample_gi
 from jinbetween.samplers.trf import TRFConfig, jump_schedule, sample_trf
-from tests.helpers import assert_close, relative_error
+from tests.helpers import assert_close, relative_error, torch_single_thread  # noqa: F401 (autouse fixture)
 from tests.torch_reference import (SVD_SCHEDULER, CaptureProcessor, InjectProcessor, diffusers_unet,
                                    state_dict_numpy, temporal_processors)
 
@@ -90,15 +90,6 @@ def models():
         for key, value in delta.items():
             weights[key].add_(torch.from_numpy(value.T.copy()))  # torch Linear weight is [out, in]
     return forward, backward, unet, delta
-
-
-@pytest.fixture(scope="module", autouse=True)
-def torch_single_thread():
-    """Runs the oracle on one torch thread: on these tiny tensors more threads only contend (~10× slower on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -90,16 +90,18 @@ def state_dict_numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
 
 
 class CaptureProcessor:
-    """Attention processor that computes probabilities explicitly and records them as `[N, heads, F, F]`."""
+    """Attention processor that computes probabilities explicitly and records them as `[N, heads, F, F]`:
+    numpy arrays, or with `as_numpy=False` detached torch tensors on their device."""
 
-    def __init__(self, store: dict, name: str):
-        self.store, self.name = store, name
+    def __init__(self, store: dict, name: str, as_numpy: bool = True):
+        self.store, self.name, self.as_numpy = store, name, as_numpy
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         n, f, _ = hidden_states.shape
         q, k, v = (attn.head_to_batch_dim(proj(hidden_states)) for proj in (attn.to_q, attn.to_k, attn.to_v))
         probs = attn.get_attention_scores(q, k, None)
-        self.store[self.name] = probs.reshape(n, attn.heads, f, f).cpu().numpy()
+        maps = probs.detach().reshape(n, attn.heads, f, f)
+        self.store[self.name] = maps.cpu().numpy() if self.as_numpy else maps
         return attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, v)))
 
 
@@ -149,20 +151,6 @@ def set_temporal_processors(unet, make_processor) -> list[str]:
     for name, module in layers:
         module.set_processor(make_processor(name))
     return [name for name, _ in layers]
-
-
-class TensorCaptureProcessor:
-    """Attends normally and records the probabilities, detached, as a torch `[N, heads, F, F]` on their device."""
-
-    def __init__(self, store: dict, name: str):
-        self.store, self.name = store, name
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        n, f, _ = hidden_states.shape
-        q, k, v = (attn.head_to_batch_dim(proj(hidden_states)) for proj in (attn.to_q, attn.to_k, attn.to_v))
-        probs = attn.get_attention_scores(q, k, None)
-        self.store[self.name] = probs.detach().reshape(n, attn.heads, f, f)
-        return attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, v)))
 
 
 class TensorInjectProcessor:
@@ -222,7 +210,7 @@ def gi_finetune_loss(ref_unet, unet, z: torch.Tensor, sigma: torch.Tensor, eps: 
         return torch.cat([scaled, frames.to(scaled.dtype)], dim=2)
 
     maps: dict[str, torch.Tensor] = {}
-    set_temporal_processors(ref_unet, lambda name: TensorCaptureProcessor(maps, name))
+    set_temporal_processors(ref_unet, lambda name: CaptureProcessor(maps, name, as_numpy=False))
     set_temporal_processors(unet, lambda name: TensorInjectProcessor(maps, name, rotate, inject_scores))
     ref_dtype = next(ref_unet.parameters()).dtype
     with torch.no_grad():
