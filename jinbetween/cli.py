@@ -86,7 +86,8 @@ def run_convert(args: argparse.Namespace) -> None:
 
 def add_video_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by the generating commands (weights, output, size, conditioning, seed, dtype)."""
-    parser.add_argument("--weights", required=True, help="converted weights dir or diffusers SVD pipeline folder")
+    parser.add_argument("--weights", help="converted weights dir or diffusers SVD pipeline folder (default: the "
+                                           "shipped toy-world model, which models the toy world only)")
     parser.add_argument("--out", default="out.mp4", help="output video, .mp4 or .gif (default out.mp4)")
     parser.add_argument("--height", type=int, help="video height, a multiple of 64 (default 576, or 1024 portrait)")
     parser.add_argument("--width", type=int, help="video width, a multiple of 64 (default 1024, or 576 portrait)")
@@ -100,13 +101,82 @@ def add_video_arguments(parser: argparse.ArgumentParser) -> None:
                         help="parameter dtype (auto: bfloat16 on GPU, float32 on CPU)")
 
 
+def weights_or_default(weights: str | None):
+    """Returns `weights`, or the shipped toy-world model's folder (saying so) when none is given."""
+    if weights:
+        return weights
+    from jinbetween.toyworld.release import default_weights
+
+    logging.getLogger(__name__).info("no --weights: using the shipped toy-world model (it models the toy world only; "
+                                     "see weights/README.md for SVD)")
+    return default_weights()
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser, *, demo: bool) -> None:
+    from jinbetween.toyworld.bench import METHODS
+
+    parser.add_argument("--weights", help="a pipeline trained on the toy world (default: the shipped one)")
+    parser.add_argument("--backward-delta", help="GI backward delta to use instead of the pipeline's own")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="methods to run beside the cross-fade baseline (default: all)")
+    parser.add_argument("--steps", type=int, default=10 if demo else None,
+                        help="denoising steps of every method (default: " +
+                             ("10, for a CPU run in minutes)" if demo else "each method's own)"))
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                        help="parameter dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    if demo:
+        parser.add_argument("--out-dir", default="demo", help="where the videos, sheets and metrics go (demo/)")
+        parser.add_argument("--pairs", type=int, default=1, help="held-out keyframe pairs (default 1)")
+    else:
+        parser.add_argument("--pairs", type=int, default=50, help="held-out keyframe pairs (default 50)")
+        parser.add_argument("--batch-size", type=int, default=16, help="pairs generated at once (default 16)")
+        parser.add_argument("--out", help="also write the record as JSON here")
+
+
+def _bench_pipeline(args: argparse.Namespace):
+    from jinbetween.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(weights_or_default(args.weights),
+                                    dtype=None if args.dtype == "auto" else DTYPES[args.dtype])
+    if args.backward_delta:
+        pipe.load_backward_delta(args.backward_delta)
+    return pipe
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from jinbetween.toyworld import bench
+
+    table = bench.demo(_bench_pipeline(args), args.out_dir, pairs=args.pairs, methods=args.methods,
+                       num_steps=args.steps, seed=args.seed)
+    print(bench.markdown_table(table))
+    print(f"wrote the videos, contact sheet(s) and metrics.md to {args.out_dir}/")
+
+
+def run_toybench(args: argparse.Namespace) -> None:
+    import json
+
+    from jinbetween.toyworld import bench
+
+    def save(record: dict) -> None:
+        if args.out:
+            Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+
+    record = bench.toybench(_bench_pipeline(args), args.pairs, args.methods, seed=args.seed, num_steps=args.steps,
+                            batch_size=args.batch_size, on_update=save)
+    print(bench.markdown_table(record["scores"]))
+    if args.out:
+        print(f"wrote {args.out}")
+
+
 def load_and_size(args: argparse.Namespace, first_frame):
     """Returns (Pipeline, height, width): the weights in the chosen dtype and the checked video size
     (default: the pipeline's, turned portrait for a portrait keyframe)."""
     from jinbetween import video
     from jinbetween.pipeline import Pipeline
 
-    pipe = Pipeline.from_pretrained(args.weights, dtype=None if args.dtype == "auto" else DTYPES[args.dtype])
+    pipe = Pipeline.from_pretrained(weights_or_default(args.weights),
+                                    dtype=None if args.dtype == "auto" else DTYPES[args.dtype])
     height, width = pipe.default_size if first_frame.shape[1] >= first_frame.shape[0] else pipe.default_size[::-1]
     height, width = args.height or height, args.width or width
     video.check_size(height, width, pipe.size_multiple)
@@ -225,6 +295,9 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", type=int, default=3, help="checkpoints kept (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the clip order and the noise (default 0)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    parser.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto",
+                        help="the UNet's spatial attention kernel (auto: cuDNN on a GPU in bf16; xla where cuDNN has "
+                             "no backward pass for the sequence length, e.g. small models)")
     parser.add_argument("--remat", choices=["none", "high_res", "all"], default="none",
                         help="UNet blocks that recompute their activations in the backward pass (default none). "
                              "Measured for SVD, 14×576×1024, batch 1, H200: none 43.4 GB, 0.37 s/step; high_res "
@@ -240,7 +313,8 @@ def run_finetune(args: argparse.Namespace) -> None:
     from jinbetween import data, finetune, video
     from jinbetween.pipeline import Pipeline
 
-    pipe = Pipeline.from_pretrained(args.weights, dtype=None if args.dtype == "auto" else DTYPES[args.dtype])
+    pipe = Pipeline.from_pretrained(args.weights, dtype=None if args.dtype == "auto" else DTYPES[args.dtype],
+                                    attention_impl=args.attention)
     video.check_size(args.height, args.width, pipe.size_multiple)
     spec = data.ClipSpec(num_frames=args.frames, stride=args.stride, height=args.height, width=args.width,
                          resize=args.resize)
@@ -287,6 +361,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "resumable; writes a delta that `interpolate --method gi` uses.")
     add_finetune_arguments(tune)
     tune.set_defaults(run=run_finetune)
+    demo = commands.add_parser(
+        "demo", help="interpolate held-out toy-world pairs with every method (CPU, minutes)",
+        description="Runs every method on held-out keyframe pairs of the toy world with the shipped model and writes "
+                    "the videos, a contact sheet (ground truth, cross-fade, each method) and a metrics table.")
+    add_bench_arguments(demo, demo=True)
+    demo.set_defaults(run=run_demo)
+    toybench = commands.add_parser(
+        "toybench", help="score every method against toy-world ground truth (PSNR, SSIM, motion)",
+        description="The ground-truth benchmark: N held-out toy-world pairs, each method's in-between frames "
+                    "against the true frames and sprite paths, beside a linear cross-fade.")
+    add_bench_arguments(toybench, demo=False)
+    toybench.set_defaults(run=run_toybench)
     return parser
 
 

@@ -662,3 +662,70 @@ def convert_gi_delta(gi_unet: str | os.PathLike, base: str | os.PathLike, out_di
                                                  "num_tensors": len(delta), "zero_tensors": zero})
     log.info("wrote %s (%d tensors)", path, len(delta))
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Export: jinbetween models ──► diffusers/transformers folders (for models trained here, like the toy world's).
+
+_NUMPY_TO_SAFETENSORS = {np.dtype(v).name: k for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+def torch_layout(array: np.ndarray, leaf: str) -> np.ndarray:
+    """Returns an NNX-layout parameter in torch's layout (inverse of `to_nnx_layout`)."""
+    if leaf == "kernel" and array.ndim in _KERNEL_PERMUTATIONS:
+        return np.ascontiguousarray(array.transpose(np.argsort(_KERNEL_PERMUTATIONS[array.ndim])))
+    return array
+
+
+def export_params(module: nnx.Module, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Returns {torch state-dict key: array in torch layout and `dtype`} of every parameter of `module`."""
+    return {torch_key(path): torch_layout(np.asarray(value, np.float32), str(path[-1])).astype(dtype)
+            for path, value in flat_params(module).items()}
+
+
+def write_safetensors(file: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):
+    """Writes `tensors` as one safetensors file (keys sorted, data 8-byte aligned by the header's padding)."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key in sorted(tensors):
+        array = tensors[key]
+        header[key] = {"dtype": _NUMPY_TO_SAFETENSORS[array.dtype.name], "shape": list(array.shape),
+                       "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(file, "wb") as fh:
+        fh.write(len(encoded).to_bytes(8, "little"))
+        fh.write(encoded)
+        for key in sorted(tensors):
+            fh.write(np.ascontiguousarray(tensors[key]).tobytes())
+
+
+def save_model_folder(module: nnx.Module, folder: str | os.PathLike, component: Component, *, dtype=np.float32,
+                      max_shard_bytes: int | None = None) -> Path:
+    """Writes `module` as a diffusers/transformers model folder: `config.json` and its safetensors weights in
+    `dtype`, sharded with an index (as `save_pretrained` does) when they exceed `max_shard_bytes`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = module.config
+    config_dict = config.to_transformers() if component is IMAGE_ENCODER_COMPONENT else config.to_diffusers()
+    (folder / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
+    tensors = export_params(module, dtype)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    for key in sorted(tensors):
+        if max_shard_bytes and shards[-1] and sum(a.nbytes for a in shards[-1].values()) + tensors[key].nbytes > \
+                max_shard_bytes:
+            shards.append({})
+        shards[-1][key] = tensors[key]
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        write_safetensors(folder / f"{component.stem}.safetensors", tensors, metadata)
+        return folder
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"{component.stem}-{i:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(folder / name, shard, metadata)
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map}
+    (folder / f"{component.stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return folder

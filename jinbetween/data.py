@@ -21,7 +21,10 @@ import weakref
 from pathlib import Path
 from typing import Sequence
 
-import av
+try:
+    import av
+except ImportError:  # frame folders need no PyAV, video files do: `_require_av` says so where they are opened
+    av = None
 import numpy as np
 
 from jinbetween import video
@@ -365,6 +368,7 @@ def _count_packets(path: Path) -> Source | None:
     packet, with no reordering, no dropped leading frames and no hidden frames. Container frame counts are not used:
     they are missing (WebM, GIF) or wrong (edit lists, muxers that write the bitrate) too often.
     """
+    _require_av()
     with av.open(str(path)) as container:
         stream = _video_stream(container)
         pts = []
@@ -471,6 +475,12 @@ def _decode(source: Source, wanted: Sequence[int], key: int) -> list[np.ndarray]
         return None
     raise DataError(f"{source.path} ended after {0 if index is None else index + 1} frames, the scan counted "
                     f"{source.num_frames}; it changed or was damaged since the scan.")
+
+
+def _require_av() -> None:
+    if av is None:
+        raise DataError("Reading video files needs PyAV, which is not installed: `pip install av` (frame folders "
+                        "work without it).")
 
 
 def _rgb(frame: av.VideoFrame) -> np.ndarray:

@@ -19,11 +19,12 @@ from tqdm.auto import tqdm
 
 from jinbetween import conditioning, schedule
 from jinbetween.conditioning import Conditioning
-from jinbetween.conversion import MANIFEST, read_manifest
+from jinbetween.conversion import (IMAGE_ENCODER_COMPONENT, MANIFEST, UNET_COMPONENT, VAE_COMPONENT, read_manifest,
+                                   save_model_folder)
 from jinbetween.errors import ConfigError, ImageError, InputShapeError
 from jinbetween.models import VAE, ImageEncoder, UNet
 from jinbetween.models.state import ModelState
-from jinbetween.delta import BACKWARD_DELTA, Delta, load_delta
+from jinbetween.delta import BACKWARD_DELTA, Delta, load_delta, save_delta
 from jinbetween.errors import WeightsNotFoundError
 from jinbetween.samplers import METHODS
 from jinbetween.samplers.core import Draws, sampling_progress
@@ -33,6 +34,18 @@ from jinbetween.video import check_size
 log = logging.getLogger(__name__)
 
 ImageLike = Image.Image | np.ndarray
+
+# What `save_pretrained` writes besides the models: diffusers' SVD scheduler and the pipeline's component classes.
+_SVD_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+                  "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "v_prediction",
+                  "interpolation_type": "linear", "use_karras_sigmas": True, "timestep_spacing": "leading",
+                  "timestep_type": "continuous", "steps_offset": 1, "set_alpha_to_one": False,
+                  "skip_prk_steps": True, "clip_sample": False}
+_PIPELINE_CLASSES = {"feature_extractor": ("transformers", "CLIPImageProcessor"),
+                     "image_encoder": ("transformers", "CLIPVisionModelWithProjection"),
+                     "scheduler": ("diffusers", "EulerDiscreteScheduler"),
+                     "unet": ("diffusers", "UNetSpatioTemporalConditionModel"),
+                     "vae": ("diffusers", "AutoencoderKLTemporalDecoder")}
 
 
 def default_dtype():
@@ -63,12 +76,17 @@ class Pipeline:
         self._unet_state, self._vae_state, self._encoder_state = (ModelState.of(m) for m in (unet, vae, image_encoder))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, **runtime: Any) -> "Pipeline":
+    def from_pretrained(cls, path: str | os.PathLike | None = None, *, dtype=None, **runtime: Any) -> "Pipeline":
         """Loads a converted jinbetween dir or a diffusers SVD pipeline folder (parameters in `dtype`,
         default bf16 on GPU and float32 elsewhere); `runtime` overrides UNet switches like `attention_impl`.
+        Without a path: the shipped toy-world model (`jinbetween.toyworld.release`), which models that world only.
 
         A converted dir's GI backward delta (`gi_backward/`, see `convert_weights.py --gi-unet`) is loaded too.
         """
+        if path is None:
+            from jinbetween.toyworld.release import default_weights
+
+            path = default_weights()
         path = Path(path)
         dtype = dtype or default_dtype()
         settings = _pipeline_settings(path)
@@ -76,6 +94,38 @@ class Pipeline:
         delta = load_delta(path / BACKWARD_DELTA, unet.config) if (path / BACKWARD_DELTA).exists() else None
         return cls(unet, VAE.from_pretrained(path, dtype=dtype), ImageEncoder.from_pretrained(path, dtype=dtype),
                    backward_delta=delta, **settings)
+
+    def save_pretrained(self, path: str | os.PathLike, *, dtype=jnp.float32,
+                        max_shard_bytes: int | None = None) -> Path:
+        """Writes the pipeline as a diffusers `StableVideoDiffusionPipeline` folder (weights in `dtype`), which
+        `from_pretrained` (and diffusers) read back, plus the backward delta in `gi_backward/` if there is one.
+
+        For models trained with jinbetween (the toy world's); converted SVD weights need no saving.
+        """
+        path = Path(path)
+        for module, component in ((self.unet, UNET_COMPONENT), (self.vae, VAE_COMPONENT),
+                                  (self.image_encoder, IMAGE_ENCODER_COMPONENT)):
+            save_model_folder(module, path / component.name, component, dtype=dtype, max_shard_bytes=max_shard_bytes)
+        configs = {
+            "model_index.json": {"_class_name": "StableVideoDiffusionPipeline",
+                                 "_jinbetween_default_size": list(self.default_size),
+                                 **{name: list(kind) for name, kind in _PIPELINE_CLASSES.items()}},
+            "scheduler/scheduler_config.json": {**_SVD_SCHEDULER, "sigma_min": self.sigma_min,
+                                                "sigma_max": self.sigma_max},
+            "feature_extractor/preprocessor_config.json": {
+                "image_processor_type": "CLIPImageProcessor", "image_mean": list(self.clip_mean),
+                "image_std": list(self.clip_std), "do_normalize": True, "do_resize": True, "do_center_crop": True,
+                "do_rescale": True, "rescale_factor": 1 / 255, "resample": 3,
+                "size": {"shortest_edge": self.image_encoder.config.image_size},
+                "crop_size": {"height": self.image_encoder.config.image_size,
+                              "width": self.image_encoder.config.image_size}},
+        }
+        for relative, config in configs.items():
+            (path / relative).parent.mkdir(parents=True, exist_ok=True)
+            (path / relative).write_text(json.dumps(config, indent=2) + "\n")
+        if self.backward_delta is not None:
+            save_delta(path / BACKWARD_DELTA, self.backward_delta, self.unet.config)
+        return path
 
     def load_backward_delta(self, path: str | os.PathLike) -> None:
         """Uses the GI backward delta saved at `path` (a converted `gi_backward/` or a fine-tune's output)."""
@@ -270,7 +320,8 @@ def _pipeline_settings(path: Path) -> dict[str, Any]:
     else:
         configs = {name: json.loads((path / rel).read_text()) for name, rel in (
             ("feature_extractor", "feature_extractor/preprocessor_config.json"),
-            ("scheduler", "scheduler/scheduler_config.json")) if (path / rel).exists()}
+            ("scheduler", "scheduler/scheduler_config.json"), ("model_index", "model_index.json"))
+            if (path / rel).exists()}
     settings: dict[str, Any] = {}
     extractor = configs.get("feature_extractor", {})
     if "image_mean" in extractor:
@@ -280,4 +331,7 @@ def _pipeline_settings(path: Path) -> dict[str, Any]:
         raise ConfigError(f"The scheduler config asks for {scheduler['prediction_type']} prediction; jinbetween "
                           "implements SVD's v-prediction EDM sampler only.")
     settings.update({k: float(scheduler[k]) for k in ("sigma_min", "sigma_max") if scheduler.get(k) is not None})
+    size = configs.get("model_index", {}).get("_jinbetween_default_size")
+    if size is not None:
+        settings["default_size"] = tuple(int(n) for n in size)
     return settings
