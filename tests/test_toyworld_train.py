@@ -64,8 +64,9 @@ def test_conditioning_dropout_zeroes_image_latent_and_embedding_together(pool):
     graphdef, state = nnx.split(tiny_trainables())
     latents = jax.random.normal(jax.random.key(0), (2, 4, 16, 16, 4))
     frames = np.asarray(pool[:2, 0])
-    loss = lambda first, dropout: train.unet_loss(state, graphdef, vae, latents, first, jax.random.key(1),  # noqa
-                                                  train.UNetTrainConfig(cond_dropout=dropout))[0]
+    jitted = jax.jit(train.unet_loss, static_argnums=(1, 6))
+    loss = lambda first, dropout: jitted(state, graphdef, vae, latents, first, jax.random.key(1),  # noqa: E731
+                                         train.UNetTrainConfig(cond_dropout=dropout))[0]
     other = frames[::-1].copy()
     assert float(loss(frames, 1.0)) == float(loss(other, 1.0))
     assert float(loss(frames, 0.0)) != float(loss(other, 0.0))
