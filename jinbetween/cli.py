@@ -101,15 +101,12 @@ def add_video_arguments(parser: argparse.ArgumentParser) -> None:
                         help="parameter dtype (auto: bfloat16 on GPU, float32 on CPU)")
 
 
-def weights_or_default(weights: str | None):
-    """Returns `weights`, or the shipped toy-world model's folder (saying so) when none is given."""
-    if weights:
-        return weights
-    from jinbetween.toyworld.release import default_weights
-
-    logging.getLogger(__name__).info("no --weights: using the shipped toy-world model (it models the toy world only; "
-                                     "see weights/README.md for SVD)")
-    return default_weights()
+def weights_or_default(weights: str | None) -> str | None:
+    """Returns `weights`; None (the shipped toy-world model, see `Pipeline.from_pretrained`) is said in the log."""
+    if not weights:
+        logging.getLogger(__name__).info("no --weights: using the shipped toy-world model (it models the toy world "
+                                         "only; see weights/README.md for SVD)")
+    return weights or None
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser, *, demo: bool) -> None:

@@ -314,9 +314,10 @@ def _run(stage: str, step, state, opt_state, steps: int, key: jax.Array, on_log,
 # The command line.
 
 
-def sheet(rows: list[np.ndarray], every: int = 2) -> np.ndarray:
-    """Returns a contact sheet uint8 `[R·H, K·W, 3]`: one video `[F, H, W, 3]` per row, every `every`-th frame."""
-    return np.concatenate([np.concatenate(list(video[::every]), axis=1) for video in rows], axis=0)
+def _paired(label: str, truth: np.ndarray, videos: np.ndarray) -> dict[str, np.ndarray]:
+    """{label: video} rows for a contact sheet: each true video, then the model's from its first frame."""
+    return {name: video for i, (t, v) in enumerate(zip(truth, videos))
+            for name, video in ((f"{i}: true", t), (f"{i}: {label}", v))}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -339,10 +340,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from PIL import Image
-
     from jinbetween.conversion import VAE_COMPONENT, save_model_folder
     from jinbetween.pipeline import Pipeline
+    from jinbetween.toyworld.bench import contact_sheet
 
     args.out.mkdir(parents=True, exist_ok=True)
     shard = int(args.max_shard_mb * 2**20) if args.max_shard_mb else None
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
         reconstructed = np.round(np.clip(decoded / 2 + 0.5, 0, 1) * 255).astype(np.uint8)
         psnr = -10 * np.log10(np.mean((reconstructed / 255 - held_out / 255) ** 2))
         on_log({"stage": "vae", "scaling_factor": vae.config.scaling_factor, "validation_psnr": float(psnr)})
-        Image.fromarray(sheet([v for pair in zip(held_out, reconstructed) for v in pair])).save(
+        contact_sheet(_paired("reconstructed", held_out, reconstructed), every=2).save(
             args.out / "vae_reconstructions.png")
         if args.unet_steps == 0:
             return
@@ -383,8 +383,7 @@ def main(argv: list[str] | None = None) -> None:
                             default_size=(world.WorldConfig.height, world.WorldConfig.width))
         pipeline.save_pretrained(args.out / "pipeline", dtype=jnp.dtype(args.save_dtype), max_shard_bytes=shard)
         samples = pipeline.image_to_video(list(held_out[:, 0]), key=jax.random.key(args.seed))
-        Image.fromarray(sheet([v for pair in zip(held_out, samples) for v in pair])).save(
-            args.out / "i2v_samples.png")
+        contact_sheet(_paired("sampled", held_out, samples), every=2).save(args.out / "i2v_samples.png")
         on_log({"stage": "done", "seconds": round(time.perf_counter() - start, 2)})
 
 
