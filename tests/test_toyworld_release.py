@@ -24,7 +24,8 @@ def test_shipped_weights_match_their_manifest_hashes():
 def test_a_changed_weight_file_is_refused(tmp_path):
     copy = shutil.copytree(release.WEIGHTS, tmp_path / "weights")
     weights = copy / "vae" / "config.json"
-    weights.write_text(weights.read_text().replace("0.37086", "0.37087"))
+    config = json.loads(weights.read_text())
+    weights.write_text(json.dumps({**config, "scaling_factor": config["scaling_factor"] + 1e-5}))
     with pytest.raises(CorruptWeightsError, match="changed \\['vae/config.json'\\]"):
         release.verify_release(copy)
 
@@ -37,7 +38,8 @@ def toy_pipeline():
 def test_default_pipeline_is_the_shipped_toy_model_with_its_gi_delta(toy_pipeline):
     assert toy_pipeline.default_size == (128, 128)
     assert toy_pipeline.unet.config.num_frames == 14 and toy_pipeline.backward_delta is not None
-    assert toy_pipeline.vae.config.scaling_factor == pytest.approx(0.37086)
+    trained = release.verify_release()["training"]["vae"]["final"]["scaling_factor"]
+    assert toy_pipeline.vae.config.scaling_factor == pytest.approx(trained)
 
 
 def test_demo_writes_videos_a_contact_sheet_and_finite_image_metrics(tmp_path):
@@ -59,6 +61,10 @@ def test_small_toybench_scores_every_method_and_the_crossfade(tmp_path):
     out = tmp_path / "bench.json"
     assert cli.main(["toybench", "--pairs", "2", "--steps", "2", "--methods", "vibid", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
-    assert record["pairs"] == 2 and set(record["scores"]) == {"crossfade", "vibid"}
+    assert record["pairs"] == 2 and set(record["scores"]) == {"crossfade", "vae round trip", "vibid"}
+    assert set(record["per_pair"]) == set(record["scores"])
+    for method, scores in record["per_pair"].items():
+        assert all(len(values) == 2 for values in scores.values()), f"{method}: {scores}"
+        assert np.isclose(np.nanmean(scores["psnr"]), record["scores"][method]["psnr"])
     for method, s in record["scores"].items():
         assert np.isfinite(s["psnr"]) and np.isfinite(s["ssim"]), f"{method}: {s}"

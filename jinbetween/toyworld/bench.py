@@ -18,12 +18,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from jinbetween import video as video_io
+from jinbetween.conditioning import vae_pixels
 from jinbetween.toyworld import metrics, world
 
 log = logging.getLogger(__name__)
 
 METHODS = ("gi", "trf", "mpd", "mpd-seq", "vibid")
 CROSSFADE = "crossfade"
+ROUND_TRIP = "vae round trip"
 TRUTH = "ground truth"
 SCORES = ("psnr", "ssim", "path_error", "direction_reversals", "missing")
 
@@ -37,6 +39,14 @@ def held_out(n: int, cfg: world.WorldConfig = world.WorldConfig()) -> tuple[list
 def crossfades(truth: np.ndarray) -> np.ndarray:
     """Returns the linear cross-fade baseline uint8 `[N, F, H, W, 3]` between the end frames of `truth`."""
     return np.stack([metrics.crossfade(v[0], v[-1], len(v)) for v in truth])
+
+
+def round_trips(pipeline, truth: np.ndarray) -> np.ndarray:
+    """Returns uint8 `[N, F, H, W, 3]`: each true video encoded (posterior mean) and decoded by the pipeline's VAE,
+    the ceiling of what any method that samples in its latent space can score."""
+    vae = pipeline.vae
+    latents = np.stack([np.asarray(vae.config.scaling_factor * vae.encode(vae_pixels(video))) for video in truth])
+    return np.round(pipeline.decode(latents) * 255).astype(np.uint8)
 
 
 def generate(pipeline, truth: np.ndarray, methods: Sequence[str], *, key: jax.Array, num_steps: int | None = None,
@@ -55,15 +65,28 @@ def generate(pipeline, truth: np.ndarray, methods: Sequence[str], *, key: jax.Ar
     return out
 
 
+def score_pairs(videos: dict[str, np.ndarray], seeds: Sequence[int],
+                cfg: world.WorldConfig = world.WorldConfig()) -> dict[str, dict[str, list[float]]]:
+    """Returns {method: {score: one value per pair}} of the in-between frames (all but the keyframes); NaN where a
+    pair has no value (path error when no sprite was found), so that methods can be compared pair by pair."""
+    per_pair = {}
+    for method, batch in videos.items():
+        rows = [metrics.score_video(v, world.sample_scene(seed, cfg), cfg) for v, seed in zip(batch, seeds)]
+        per_pair[method] = {name: [float(r[name]) for r in rows] for name in SCORES}
+    return per_pair
+
+
+def mean_scores(per_pair: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    """Returns {method: {score: mean over the pairs that have a value}} of `score_pairs`' output."""
+    return {method: {name: float(np.nanmean(values)) for name, values in scores.items()}
+            for method, scores in per_pair.items()}
+
+
 def score(videos: dict[str, np.ndarray], seeds: Sequence[int],
           cfg: world.WorldConfig = world.WorldConfig()) -> dict[str, dict[str, float]]:
     """Returns {method: {score: mean over pairs}} of the in-between frames (all but the keyframes); PSNR and SSIM
     averaged over pairs, path error over the pairs where the sprites were found."""
-    table = {}
-    for method, batch in videos.items():
-        rows = [metrics.score_video(v, world.sample_scene(seed, cfg), cfg) for v, seed in zip(batch, seeds)]
-        table[method] = {name: float(np.nanmean([r[name] for r in rows])) for name in SCORES}
-    return table
+    return mean_scores(score_pairs(videos, seeds, cfg))
 
 
 def markdown_table(table: dict[str, dict[str, float]]) -> str:
@@ -79,19 +102,25 @@ def markdown_table(table: dict[str, dict[str, float]]) -> str:
 def toybench(pipeline, n: int = 50, methods: Sequence[str] = METHODS, *, seed: int = 0,
              num_steps: int | None = None, batch_size: int = 16, cfg: world.WorldConfig = world.WorldConfig(),
              on_update: Callable[[dict], None] = lambda record: None) -> dict:
-    """Returns the benchmark record: settings, per-method generation seconds (compilation included) and the score
-    table on `n` pairs; `on_update` gets the record so far after each method."""
+    """Returns the benchmark record: settings, per-method generation seconds (compilation included), the score
+    table on `n` pairs, with the cross-fade baseline and the VAE round trip of the truth (a ceiling), and every
+    pair's scores (`per_pair`, for paired comparisons); `on_update` gets the record so far after each method."""
     seeds, truth = held_out(n, cfg)
     record = {"pairs": n, "seed": seed, "num_steps": num_steps or "method defaults", "batch_size": batch_size,
               "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind), "seconds": {},
-              "scores": {}}
-    record["scores"].update(score({CROSSFADE: crossfades(truth)}, seeds, cfg))
+              "scores": {}, "per_pair": {}}
+
+    def add(per_pair: dict[str, dict[str, list[float]]]) -> None:
+        record["per_pair"].update(per_pair)
+        record["scores"].update(mean_scores(per_pair))
+
+    add(score_pairs({CROSSFADE: crossfades(truth), ROUND_TRIP: round_trips(pipeline, truth)}, seeds, cfg))
     for method in methods:
         start = time.perf_counter()
         videos = generate(pipeline, truth, (method,), key=jax.random.key(seed), num_steps=num_steps,
                           batch_size=batch_size)
         record["seconds"][method] = round(time.perf_counter() - start, 2)
-        record["scores"][method] = score({method: videos[method]}, seeds, cfg)[method]
+        add(score_pairs(videos, seeds, cfg))
         on_update(record)
     return record
 

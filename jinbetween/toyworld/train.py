@@ -325,6 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="run folder: train_log.jsonl, vae/, pipeline/, sheets")
     parser.add_argument("--videos", type=int, default=20000, help="training videos rendered into the pool")
     parser.add_argument("--vae-steps", type=int, default=VAETrainConfig.steps)
+    parser.add_argument("--vae-batch", type=int, default=VAETrainConfig.batch_clips, help="VAE clips per step")
     parser.add_argument("--unet-steps", type=int, default=UNetTrainConfig.steps, help="0: train the VAE only")
     parser.add_argument("--batch-size", type=int, default=UNetTrainConfig.batch_size, help="UNet clips per step")
     parser.add_argument("--vae", type=Path, help="a folder with a trained vae/ to use instead of stage 1")
@@ -361,7 +362,8 @@ def main(argv: list[str] | None = None) -> None:
             vae = VAE.from_pretrained(args.vae, dtype=jnp.float32)
         else:
             init_vae = VAE.from_pretrained(args.vae_resume, dtype=jnp.float32) if args.vae_resume else None
-            vae = train_vae(pool, VAETrainConfig(steps=args.vae_steps), args.seed, on_log, time_limit=limits[0],
+            vae_cfg = VAETrainConfig(steps=args.vae_steps, batch_clips=args.vae_batch)
+            vae = train_vae(pool, vae_cfg, args.seed, on_log, time_limit=limits[0],
                             init=init_vae)
             save_model_folder(vae, args.out / "vae", VAE_COMPONENT, max_shard_bytes=shard)
         decoded = np.stack([np.asarray(vae.decode_video(vae.config.scaling_factor * vae.encode(_pixels(v))))
