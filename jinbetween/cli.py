@@ -1,9 +1,11 @@
-"""`jinbetween` command line: `convert` weights, `interpolate` between two keyframes, `i2v` (image to video),
-`finetune` a GI backward delta on your videos."""
+"""`jinbetween` command line: `convert` weights, `interpolate` between two keyframes, `batch` (many pairs over
+every local device), `i2v` (image to video), `finetune` a GI backward delta on your videos."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
 from pathlib import Path
@@ -84,11 +86,12 @@ def run_convert(args: argparse.Namespace) -> None:
         print(f"converted {args.gi_unet} as a delta on {base_name or base} -> {delta}")
 
 
-def add_video_arguments(parser: argparse.ArgumentParser) -> None:
+def add_video_arguments(parser: argparse.ArgumentParser, *, out: bool = True) -> None:
     """Options shared by the generating commands (weights, output, size, conditioning, seed, dtype)."""
     parser.add_argument("--weights", help="converted weights dir or diffusers SVD pipeline folder (default: the "
                                            "shipped toy-world model, which models the toy world only)")
-    parser.add_argument("--out", default="out.mp4", help="output video, .mp4 or .gif (default out.mp4)")
+    if out:
+        parser.add_argument("--out", default="out.mp4", help="output video, .mp4 or .gif (default out.mp4)")
     parser.add_argument("--height", type=int, help="video height, a multiple of 64 (default 576, or 1024 portrait)")
     parser.add_argument("--width", type=int, help="video width, a multiple of 64 (default 1024, or 576 portrait)")
     parser.add_argument("--resize", choices=RESIZE_MODES, default="crop",
@@ -127,7 +130,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser, *, demo: bool) -> None:
         parser.add_argument("--pairs", type=int, default=1, help="held-out keyframe pairs (default 1)")
     else:
         parser.add_argument("--pairs", type=int, default=50, help="held-out keyframe pairs (default 50)")
-        parser.add_argument("--batch-size", type=int, default=16, help="pairs generated at once (default 16)")
+        parser.add_argument("--batch-size", type=int, default=25,
+                            help="pairs generated at once (default 25: 50 pairs in two equal batches, one compile)")
         parser.add_argument("--out", help="also write the record as JSON here")
 
 
@@ -210,16 +214,21 @@ def run_i2v(args: argparse.Namespace) -> None:
 
 
 def add_interpolate_arguments(parser: argparse.ArgumentParser) -> None:
-    from jinbetween.samplers import METHODS
-
     parser.add_argument("start", help="the first keyframe (PNG, JPEG, ...)")
     parser.add_argument("end", help="the last keyframe")
     add_video_arguments(parser)
+    parser.add_argument("--sheet", help="PNG contact sheet of the frames (default: beside --out, *_sheet.png)")
+    add_method_arguments(parser)
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the inbetweening methods (`interpolate` and `batch`)."""
+    from jinbetween.samplers import METHODS
+
     parser.add_argument("--method", choices=sorted(METHODS), default="gi",
                         help="gi: Generative Inbetweening (needs a backward delta); trf: Time Reversal Fusion; "
                              "mpd / mpd-seq: Motion Prior Distillation on the TRF-like / ViBiD base; vibid: "
                              "ViBiDSampler (default gi)")
-    parser.add_argument("--sheet", help="PNG contact sheet of the frames (default: beside --out, *_sheet.png)")
     parser.add_argument("--num-frames", type=int, help="frames to generate, keyframes included (default: the "
                                                        "model's, 25 for SVD-XT)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the method's, 50 for GI and TRF, 25 for "
@@ -273,6 +282,185 @@ def run_interpolate(args: argparse.Namespace) -> None:
     out = video.write_video(frames, args.out, fps=fps)
     sheet = video.contact_sheet([frames], args.sheet or Path(out).with_name(Path(out).stem + "_sheet.png"))
     print(f"wrote {out} ({args.method}, {len(frames)} frames, {height}×{width}) and {sheet}")
+
+
+PAIR_FIELDS = ("start", "end", "out", "seed")
+VIDEO_SUFFIXES = (".mp4", ".gif")
+
+
+@dataclasses.dataclass(frozen=True)
+class PairLine:
+    """One pair of a `batch` file: its line number, keyframe paths, output path (relative to --out-dir), seed."""
+
+    line: int
+    start: Path
+    end: Path
+    out: Path
+    seed: int | None = None
+
+
+def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pairs", help='JSON Lines file, one pair per line: {"start": "a.png", "end": "b.png", '
+                                      '"out": "ab.mp4", "seed": 3}; paths relative to the file\'s folder, "out" '
+                                      '(relative to --out-dir, .mp4 or .gif) and "seed" optional')
+    parser.add_argument("--out-dir", required=True, help="folder for the videos and summary.json")
+    parser.add_argument("--format", choices=["mp4", "gif"], default="mp4",
+                        help="video format of lines without an \"out\" (default mp4)")
+    add_video_arguments(parser, out=False)
+    add_method_arguments(parser)
+    parser.add_argument("--batch-size", type=int,
+                        help="pairs generated at once, split evenly over the devices: a multiple of the device count "
+                             "(default: one per device; more for small models)")
+    parser.add_argument("--devices", type=int, help="use the first N local devices (default: all)")
+    hosts = parser.add_argument_group(
+        "several hosts", "Run the same command on every host: each process joins the run (jax.distributed), "
+                         "generates its own contiguous block of the pairs on its own devices and writes those videos "
+                         "and summary.process<i>.json. A pair's random draws do not depend on the process count.")
+    hosts.add_argument("--distributed", action="store_true",
+                       help="join a run that JAX detects (SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS with the "
+                            "flags below)")
+    hosts.add_argument("--coordinator-address", metavar="HOST:PORT", help="address of process 0 and a free port")
+    hosts.add_argument("--num-processes", type=int, help="number of processes of the run")
+    hosts.add_argument("--process-id", type=int, help="this process's index, 0 to num-processes − 1")
+
+
+def read_pairs(path: str | Path, video_format: str = "mp4") -> list[PairLine]:
+    """Returns the pairs of a `batch` JSON Lines file, every line checked (fields, keyframe files, output names);
+    raises ConfigError listing each bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Pairs file {path} does not exist.")
+    problems: list[str] = []
+    pairs: list[PairLine] = []
+    outs: dict[str, int] = {}  # output name -> line number
+    for number, text in enumerate(path.read_text().splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            entry = json.loads(text)
+        except json.JSONDecodeError as err:
+            problems.append(f"line {number}: not JSON ({err.msg} at column {err.colno})")
+            continue
+        if not isinstance(entry, dict):
+            problems.append(f"line {number}: a JSON {type(entry).__name__}, not an object")
+            continue
+        line_problems = _pair_problems(entry, path.parent, outs)
+        if line_problems:
+            problems.extend(f"line {number}: {problem}" for problem in line_problems)
+            continue
+        start, end = path.parent / entry["start"], path.parent / entry["end"]
+        out = entry.get("out") or f"{len(pairs):04d}_{start.stem}_{end.stem}.{video_format}"
+        if out in outs:
+            problems.append(f'line {number}: its video would be {out!r}, as line {outs[out]}\'s; give it an "out"')
+            continue
+        outs[out] = number
+        pairs.append(PairLine(number, start, end, Path(out), entry.get("seed")))
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  … and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise ConfigError(f"{path} has {len(problems)} problem(s):\n  {shown}\nEach line is a JSON object like "
+                          '{"start": "a.png", "end": "b.png", "out": "ab.mp4", "seed": 3} ("out" and "seed" '
+                          "optional), keyframe paths relative to the file's folder.")
+    if not pairs:
+        raise ConfigError(f"{path} holds no pairs; write one JSON object per line.")
+    return pairs
+
+
+def _pair_problems(entry: dict, folder: Path, outs: dict[str, int]) -> list[str]:
+    """Returns what is wrong with one line of a pairs file (nothing for a good line)."""
+    from PIL import Image, UnidentifiedImageError
+
+    problems = []
+    unknown = sorted(set(entry) - set(PAIR_FIELDS))
+    if unknown:
+        problems.append(f"unknown field(s) {unknown} (the fields are {', '.join(PAIR_FIELDS)})")
+    for field in ("start", "end"):
+        name = entry.get(field)
+        if not isinstance(name, str) or not name:
+            problems.append(f'no "{field}" keyframe path')
+        elif not (folder / name).is_file():
+            problems.append(f"{field} keyframe {name} not found ({(folder / name).resolve()})")
+        else:
+            try:
+                with Image.open(folder / name):
+                    pass
+            except (UnidentifiedImageError, OSError) as err:
+                problems.append(f"{field} keyframe {name} is not a readable image ({err})")
+    seed = entry.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        problems.append(f'"seed" {seed!r} is not a non-negative integer')
+    out = entry.get("out")
+    if out is not None:
+        if not isinstance(out, str) or Path(out).suffix.lower() not in VIDEO_SUFFIXES:
+            problems.append(f'"out" {out!r} is not a .mp4 or .gif file name')
+        elif Path(out).is_absolute() or ".." in Path(out).parts:
+            problems.append(f'"out" {out!r} leaves --out-dir; give a path inside it')
+        elif out in outs:
+            problems.append(f'"out" {out!r} is also line {outs[out]}\'s')
+    return problems
+
+
+def join_processes(args: argparse.Namespace) -> tuple[int, int]:
+    """Returns (process index, process count): (0, 1) unless the multi-host flags ask to join a run."""
+    from jinbetween import distributed
+
+    flags = (args.coordinator_address, args.num_processes, args.process_id)
+    if not args.distributed and all(flag is None for flag in flags):
+        return 0, 1
+    return distributed.initialize(*flags)
+
+
+def run_batch(args: argparse.Namespace) -> None:
+    import time
+
+    import jax
+
+    from jinbetween import distributed, video
+    from jinbetween.samplers import METHODS
+
+    options = parse_options(args.options)
+    pairs = read_pairs(args.pairs, args.format)
+    process, processes = join_processes(args)
+    share = distributed.process_share(len(pairs), process, processes)
+    mine = pairs[share.start:share.stop]
+    if not mine:
+        print(f"process {process} of {processes}: no pairs left for this process ({len(pairs)} in all)")
+        return
+    devices = jax.local_devices()
+    if args.devices is not None and not 1 <= args.devices <= len(devices):
+        raise ConfigError(f"--devices {args.devices}: this process has {len(devices)} device(s).")
+    mesh = distributed.local_mesh(devices[:args.devices])
+    pipe, height, width = load_and_size(args, video.read_keyframe(mine[0].start))
+    if args.backward_delta:
+        pipe.load_backward_delta(args.backward_delta)
+    fps = args.fps or METHODS[args.method].fps
+
+    def keyframes():
+        for pair in mine:
+            start, end = (video.fit_image(video.read_keyframe(p), height, width, args.resize)
+                          for p in (pair.start, pair.end))
+            yield (start, end) if pair.seed is None else (start, end, jax.random.key(pair.seed))
+
+    videos = pipe.interpolate_batch(
+        keyframes(), method=args.method, key=jax.random.key(args.seed), batch_size=args.batch_size, mesh=mesh,
+        num_frames=args.num_frames, num_inference_steps=args.steps, fps=fps, motion_bucket_id=args.motion_bucket_id,
+        noise_aug_strength=args.noise_aug_strength, decode_chunk_size=args.decode_chunk_size,
+        first_index=share.start, progress=True, allow_untrained_backward=args.allow_untrained_backward, **options)
+    out_dir = Path(args.out_dir)
+    began, records = time.perf_counter(), []
+    for index, pair, frames in zip(share, mine, videos):
+        written = video.write_video(frames, out_dir / pair.out, fps=fps)
+        records.append({"line": pair.line, "start": str(pair.start), "end": str(pair.end), "out": str(written),
+                        "frames": len(frames),
+                        **({"seed": pair.seed} if pair.seed is not None else {"seed": args.seed, "index": index})})
+    seconds = time.perf_counter() - began
+    summary = {"pairs_file": str(args.pairs), "method": args.method, "steps": args.steps, "fps": fps,
+               "size": [height, width], "options": options, "batch_size": args.batch_size or mesh.size,
+               "devices": [str(d) for d in mesh.devices.flat], "process": process, "processes": processes,
+               "seconds": seconds, "pairs_per_second": len(records) / seconds, "videos": records}
+    summary_path = out_dir / ("summary.json" if processes == 1 else f"summary.process{process}.json")
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {len(records)} videos ({args.method}, {height}×{width}) to {out_dir}/ in {seconds:.1f} s "
+          f"({len(records) / seconds:.2f} pairs/s on {mesh.size} device(s)) and {summary_path}")
 
 
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
@@ -346,6 +534,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generative inbetweening: the frames between START and END with SVD and the chosen method.")
     add_interpolate_arguments(interpolate)
     interpolate.set_defaults(run=run_interpolate)
+    batch = commands.add_parser(
+        "batch", help="interpolate many keyframe pairs listed in a JSON Lines file, over every local device",
+        description="Generates the video of every pair in PAIRS (one JSON object per line) with the chosen method, "
+                    "in batches split over the local devices (one jitted program per batch, parameters "
+                    "replicated), and writes each video and summary.json to --out-dir. Every line is checked "
+                    "before the model loads. A pair's random draws do not depend on the number of devices "
+                    "(videos are bit-identical on CPU).")
+    add_batch_arguments(batch)
+    batch.set_defaults(run=run_batch)
     i2v = commands.add_parser("i2v", help="generate a video that starts at an image (plain SVD)",
                               description="Image to video with Stable Video Diffusion: EDM Euler sampling with "
                                           "per-frame classifier-free guidance, as diffusers' pipeline.")

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from PIL import Image
 from tqdm.auto import tqdm
 
-from jinbetween import conditioning, schedule
+from jinbetween import conditioning, distributed, hardware, schedule
 from jinbetween.conditioning import Conditioning
 from jinbetween.conversion import (IMAGE_ENCODER_COMPONENT, MANIFEST, UNET_COMPONENT, VAE_COMPONENT, read_manifest,
                                    save_model_folder)
@@ -26,7 +28,7 @@ from jinbetween.models import VAE, ImageEncoder, UNet
 from jinbetween.models.state import ModelState
 from jinbetween.delta import BACKWARD_DELTA, Delta, load_delta, save_delta
 from jinbetween.errors import WeightsNotFoundError
-from jinbetween.samplers import METHODS
+from jinbetween.samplers import METHODS, Method
 from jinbetween.samplers.core import Draws, sampling_progress
 from jinbetween.samplers.i2v import I2VConfig, sample_i2v
 from jinbetween.video import check_size
@@ -34,6 +36,7 @@ from jinbetween.video import check_size
 log = logging.getLogger(__name__)
 
 ImageLike = Image.Image | np.ndarray
+Pair = tuple[ImageLike, ImageLike] | tuple[ImageLike, ImageLike, jax.Array]  # (start, end[, key])
 
 # What `save_pretrained` writes besides the models: diffusers' SVD scheduler and the pipeline's component classes.
 _SVD_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
@@ -49,8 +52,14 @@ _PIPELINE_CLASSES = {"feature_extractor": ("transformers", "CLIPImageProcessor")
 
 
 def default_dtype():
-    """bf16 parameters on a GPU, float32 elsewhere."""
-    return jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    """Returns the parameter dtype: bf16 on an Ampere or newer GPU, fp16 on older GPUs (T4, V100: no bf16 tensor
+    cores), float32 elsewhere."""
+    if jax.default_backend() != "gpu":
+        return jnp.float32
+    if hardware.modern_gpu():
+        return jnp.bfloat16
+    hardware.note_old_gpu("fp16 parameters (no bf16 tensor cores)")
+    return jnp.float16
 
 
 @jax.jit
@@ -74,6 +83,7 @@ class Pipeline:
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
         self.default_size = default_size
         self._unet_state, self._vae_state, self._encoder_state = (ModelState.of(m) for m in (unet, vae, image_encoder))
+        self._replicas: dict[Mesh, tuple[ModelState, ModelState, ModelState]] = {}
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, *, dtype=None, **runtime: Any) -> "Pipeline":
@@ -140,13 +150,18 @@ class Pipeline:
                fps: float = 7, motion_bucket_id: float = 127, noise_aug_strength: float = 0.02) -> Conditioning:
         """Returns the Conditioning of uint8 keyframes `[N, H, W, 3]`; augmentation noise from `keys [N]`
         unless `aug_noise [N, H, W, 3]` is given."""
+        pixels, clip_input = self._encoder_inputs(images)
+        time_ids = conditioning.added_time_ids(fps, motion_bucket_id, noise_aug_strength)
+        return _encode(self._vae_state, self._encoder_state, pixels, clip_input, keys,
+                       None if aug_noise is None else jnp.asarray(aug_noise, jnp.float32), time_ids)
+
+    def _encoder_inputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Returns (VAE input in [-1, 1], CLIP input) of uint8 keyframes `[N, H, W, 3]`, computed on the host."""
         images = np.asarray(images)
         check_size(images.shape[1], images.shape[2], self.size_multiple)
         clip_input = conditioning.clip_pixels(images, self.image_encoder.config.image_size, self.clip_mean,
                                               self.clip_std)
-        time_ids = conditioning.added_time_ids(fps, motion_bucket_id, noise_aug_strength)
-        return _encode(self._vae_state, self._encoder_state, conditioning.vae_pixels(images), clip_input, keys,
-                       None if aug_noise is None else jnp.asarray(aug_noise, jnp.float32), time_ids)
+        return conditioning.vae_pixels(images), clip_input
 
     def decode(self, latents: jax.Array, chunk_size: int | None = None) -> np.ndarray:
         """Returns float32 frames `[B, F, H, W, 3]` in [0, 1] for sampler latents `[B, F, h, w, C]`.
@@ -154,7 +169,7 @@ class Pipeline:
         Videos are decoded one at a time (diffusers flattens the batch, so its chunks can straddle videos).
         """
         videos = [self.vae.decode_video(video, chunk_size) for video in latents]
-        return np.clip(np.stack([np.asarray(v) for v in videos]) / 2 + 0.5, 0, 1)
+        return _unit_range(np.stack([np.asarray(v) for v in videos]))
 
     def image_to_video(self, image: ImageLike | Sequence[ImageLike], *, key: jax.Array | None = None,
                        num_frames: int | None = None, num_inference_steps: int = 25, fps: float = 7,
@@ -206,16 +221,7 @@ class Pipeline:
         (the paper's "w/o fine-tuning" ablation). `draws` injects every random draw (tests, parity).
         """
         _check_output(output)
-        if method not in METHODS:
-            raise ConfigError(f"Unknown method {method!r}; choose one of {sorted(METHODS)}.")
-        spec = METHODS[method]
-        if spec.uses_delta and self.backward_delta is None and not allow_untrained_backward:
-            raise WeightsNotFoundError(
-                "GI needs its backward model: a delta on the temporal attention W_v/W_o. Convert GI's released "
-                "UNet with `python convert_weights.py --gi-unet PATH/unet --gi-base "
-                "stabilityai/stable-video-diffusion-img2vid --out WEIGHTS_DIR` (then load WEIGHTS_DIR), train one "
-                "with `jinbetween finetune`, or pass allow_untrained_backward=True (CLI: --allow-untrained-backward) "
-                "to run the paper's ablation without fine-tuning.")
+        spec = self._method(method, allow_untrained_backward)
         batched = isinstance(start, (list, tuple))
         starts = _as_uint8_batch(start if batched else [start])
         ends = _as_uint8_batch(end if isinstance(end, (list, tuple)) else [end])
@@ -227,13 +233,9 @@ class Pipeline:
                              num_steps=num_inference_steps, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
                              progress=progress, **options)
         aug_keys, sample_keys = _sample_keys(key, first_index, n)
-        if spec.shared_aug_noise:
-            pair_aug_keys = jnp.concatenate([aug_keys, aug_keys])
-        else:
-            pair_aug_keys = jnp.concatenate([jax.vmap(lambda k: jax.random.fold_in(k, j))(aug_keys) for j in (0, 1)])
-        cond = self.encode(np.concatenate([starts, ends]), keys=pair_aug_keys, fps=spec.fps if fps is None else fps,
-                           motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength)
-        start_cond, end_cond = (jax.tree.map(lambda a, s=s: a[s], cond) for s in (slice(0, n), slice(n, 2 * n)))
+        start_cond, end_cond = self._pair_conditioning(
+            starts, ends, aug_keys, spec, fps=spec.fps if fps is None else fps, motion_bucket_id=motion_bucket_id,
+            noise_aug_strength=noise_aug_strength)
         extra = (self.backward_delta,) if spec.uses_delta else ()
         with _progress_bar(len(cfg.program()) if progress else 0):
             video_latents = spec.sample(self._unet_state, start_cond, end_cond, sample_keys, cfg, *extra,
@@ -241,11 +243,243 @@ class Pipeline:
         frames = self._finish(video_latents, output, decode_chunk_size)
         return frames if batched else frames[0]
 
+    def interpolate_batch(self, pairs: Iterable[Pair], *, method: str = "gi", key: jax.Array | None = None,
+                          batch_size: int | None = None, mesh: Mesh | None = None, num_frames: int | None = None,
+                          num_inference_steps: int | None = None, fps: float | None = None,
+                          motion_bucket_id: float = 127, noise_aug_strength: float = 0.02,
+                          decode_chunk_size: int | None = None, output: str = "uint8", first_index: int = 0,
+                          progress: bool = False, allow_untrained_backward: bool = False,
+                          **options: Any) -> Iterator[np.ndarray]:
+        """Yields the video of each pair of `pairs`, in order, as `interpolate` returns it for one pair.
+
+        pairs: (start, end) keyframes, all of one size, or (start, end, pair_key); consumed one chunk at a time,
+        so a generator that reads files keeps a chunk ahead of the devices. Other arguments as in `interpolate`.
+
+        The pairs run in chunks of `batch_size` (default: one pair per device), split evenly over the devices of
+        `mesh` (default: every local device, `distributed.local_mesh()`): each device runs `interpolate`'s
+        programs on its own pairs (`jax.shard_map`), parameters replicated, keyframes encoded, sampled and
+        decoded where they are. A short last chunk is padded with copies of its last pair, so one compilation
+        serves every chunk; the copies are not yielded. Pair i uses `fold_in(key, first_index + i)`, and a
+        pair with its own key `fold_in(pair_key, 0)`, as `interpolate(start, end, key=pair_key)` does.
+
+        For a given number of pairs per device (batch_size / devices) a video does not depend on the device
+        count on CPU: runs on 1, 2, 4, … devices are bit-identical (the schedule writes divisions by a scalar as
+        multiplications by its reciprocal, which XLA would otherwise rewrite in one-device programs only), and a
+        one-device run is `interpolate` on that many pairs. Other numbers of pairs per device change float32
+        rounding (~1e-6), as batching does in `interpolate` (XLA picks matmul kernels by shape). On GPUs in
+        bf16, programs compiled for different meshes may pick different kernels: on two H200s, 1- and 2-device
+        videos of the toy model differed by up to 79/255 (`bench/results/batch_scaling_toy_h200x2.json`), the
+        sampler amplifying rounding differences; the randomness itself is the same.
+        """
+        _check_output(output)
+        spec = self._method(method, allow_untrained_backward)
+        mesh = distributed.local_mesh() if mesh is None else distributed.check_mesh(mesh)
+        batch_size = batch_size or mesh.size
+        if batch_size < 1 or batch_size % mesh.size:
+            raise ConfigError(f"batch_size={batch_size} does not split over {mesh.size} devices; pass a multiple "
+                              f"of {mesh.size}.")
+        cfg = _method_config(spec, num_frames=num_frames or self.unet.config.num_frames,
+                             num_steps=num_inference_steps, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
+                             **options)
+        settings = dict(fps=spec.fps if fps is None else fps, motion_bucket_id=motion_bucket_id,
+                        noise_aug_strength=noise_aug_strength)
+        if self._holds_parameters(mesh):
+            run = functools.partial(self._run_in_place, spec=spec, cfg=cfg, settings=settings, output=output,
+                                    decode_chunk_size=decode_chunk_size)
+        else:
+            extra = (distributed.replicate(self.backward_delta, mesh),) if spec.uses_delta else ()
+            run = functools.partial(self._run_sharded, mesh=mesh, spec=spec, cfg=cfg, extra=extra,
+                                    settings=settings, output=output, decode_chunk_size=decode_chunk_size)
+        log.info("interpolating in chunks of %d pairs over %d device(s)", batch_size, mesh.size)
+        chunks = _pair_chunks(pairs, batch_size, _typed_key(_resolve_key(key)), first_index)
+        total = len(pairs) if isinstance(pairs, Sequence) else None
+        return _pipelined(chunks, run, output, progress, total)
+
+    def _method(self, method: str, allow_untrained_backward: bool) -> Method:
+        """Returns the method called `method`, checked to be runnable with this pipeline."""
+        if method not in METHODS:
+            raise ConfigError(f"Unknown method {method!r}; choose one of {sorted(METHODS)}.")
+        spec = METHODS[method]
+        if spec.uses_delta and self.backward_delta is None and not allow_untrained_backward:
+            raise WeightsNotFoundError(
+                "GI needs its backward model: a delta on the temporal attention W_v/W_o. Convert GI's released "
+                "UNet with `python convert_weights.py --gi-unet PATH/unet --gi-base "
+                "stabilityai/stable-video-diffusion-img2vid --out WEIGHTS_DIR` (then load WEIGHTS_DIR), train one "
+                "with `jinbetween finetune`, or pass allow_untrained_backward=True (CLI: --allow-untrained-backward) "
+                "to run the paper's ablation without fine-tuning.")
+        return spec
+
+    def _pair_conditioning(self, starts: np.ndarray, ends: np.ndarray, aug_keys: jax.Array, spec: Method,
+                           **settings: float) -> tuple[Conditioning, Conditioning]:
+        """Returns the Conditioning of uint8 start and end keyframes `[n, H, W, 3]`, encoded in one batch."""
+        cond = self.encode(np.concatenate([starts, ends]), keys=_pair_aug_keys(spec, aug_keys), **settings)
+        return _halves(cond)
+
+    def _holds_parameters(self, mesh: Mesh) -> bool:
+        """True for a one-device mesh on the device that holds the parameters: `interpolate`'s programs run as is."""
+        devices = jax.tree.leaves(self._unet_state.state)[0].devices()
+        return mesh.size == 1 and devices == set(mesh.devices.flat)
+
+    def _run_in_place(self, starts: np.ndarray, ends: np.ndarray, pair_keys: jax.Array, *, spec: Method, cfg: Any,
+                      settings: dict[str, float], output: str, decode_chunk_size: int | None):
+        """Dispatches one chunk exactly as `interpolate` runs it; returns latents or the decoded videos."""
+        aug_keys, sample_keys = _split_keys(pair_keys)
+        start_cond, end_cond = self._pair_conditioning(starts, ends, aug_keys, spec, **settings)
+        extra = (self.backward_delta,) if spec.uses_delta else ()
+        latents = spec.sample(self._unet_state, start_cond, end_cond, sample_keys, cfg, *extra, draws=None)
+        if output == "latent":
+            return latents
+        return [self.vae.decode_video(video, decode_chunk_size) for video in latents]
+
+    def _run_sharded(self, starts: np.ndarray, ends: np.ndarray, pair_keys: jax.Array, *, mesh: Mesh, spec: Method,
+                     cfg: Any, extra: tuple, settings: dict[str, float], output: str,
+                     decode_chunk_size: int | None) -> jax.Array:
+        """Dispatches one chunk over `mesh`, device d taking pairs [d·b, (d+1)·b); returns latents or raw frames,
+        split over the devices. `extra`: the sampler's replicated extra arguments (GI's backward delta).
+
+        Device d's rows are exactly what `interpolate` gives its encoder and sampler for those b pairs: keyframes
+        [starts; ends] (CLIP input prepared per device, as for b pairs) with their augmentation keys.
+        """
+        b = len(starts) // mesh.size
+        aug_keys, sample_keys = _split_keys(pair_keys)
+        blocks = [slice(d * b, (d + 1) * b) for d in range(mesh.size)]
+        inputs = [self._encoder_inputs(np.concatenate([starts[block], ends[block]])) for block in blocks]
+        pixels, clip_input = (np.concatenate(parts) for parts in zip(*inputs))
+        block_aug_keys = jnp.concatenate([_pair_aug_keys(spec, aug_keys[block]) for block in blocks])
+        unet, vae, encoder = self._replicated(mesh)
+        time_ids = distributed.replicate(conditioning.added_time_ids(**settings), mesh)
+        encode = distributed.per_device(_encode_pairs, mesh, (False, False, True, True, True, False))
+        start_cond, end_cond = encode(vae, encoder, *distributed.shard_rows((pixels, clip_input, block_aug_keys), mesh),
+                                      time_ids)
+        sample = distributed.per_device(_pair_sampler(spec.name, cfg), mesh,
+                                        (False, True, True, True, *(False,) * len(extra)))
+        latents = sample(unet, start_cond, end_cond, distributed.shard_rows(sample_keys, mesh), *extra)
+        if output == "latent":
+            return latents
+        return distributed.per_device(_video_decoder(decode_chunk_size), mesh, (False, True))(vae, latents)
+
+    def _replicated(self, mesh: Mesh) -> tuple[ModelState, ModelState, ModelState]:
+        """The UNet, VAE and image encoder states copied to every device of `mesh` (kept for later batches)."""
+        if mesh not in self._replicas:
+            self._replicas[mesh] = distributed.replicate((self._unet_state, self._vae_state, self._encoder_state),
+                                                         mesh)
+        return self._replicas[mesh]
+
     def _finish(self, video_latents: jax.Array, output: str, decode_chunk_size: int | None) -> np.ndarray:
         if output == "latent":
             return np.asarray(video_latents)
         frames = self.decode(video_latents, decode_chunk_size)
         return frames if output == "float" else np.round(frames * 255).astype(np.uint8)
+
+
+def _encode_pairs(vae: ModelState[VAE], encoder: ModelState[ImageEncoder], pixels: jax.Array, clip_input: jax.Array,
+                  aug_keys: jax.Array, time_ids: jax.Array) -> tuple[Conditioning, Conditioning]:
+    """Returns (start, end) Conditioning of one device's keyframe rows [starts; ends] (run per device)."""
+    return _halves(_encode(vae, encoder, pixels, clip_input, aug_keys, None, time_ids))
+
+
+@functools.lru_cache(maxsize=32)
+def _pair_sampler(method: str, cfg: Any) -> Callable:
+    """Returns `(unet, start, end, keys, *extra) -> latents`: the method's sampler with `cfg` (one object per
+    (method, cfg), so that `distributed.per_device` compiles it once)."""
+    spec = METHODS[method]
+
+    def sample(unet, start, end, keys, *extra):
+        return spec.sample(unet, start, end, keys, cfg, *extra, draws=None)
+
+    return sample
+
+
+@functools.lru_cache(maxsize=8)
+def _video_decoder(chunk_size: int | None) -> Callable:
+    """Returns `(vae, latents [B, F, h, w, C]) -> frames [B, F, H, W, 3]` in [-1, 1], decoding video by video as
+    `Pipeline.decode` does."""
+
+    def decode(vae, latents):
+        return jax.lax.map(lambda video: vae.merge().decode_video(video, chunk_size), latents)
+
+    return decode
+
+
+def _pipelined(chunks: Iterator[tuple[int, np.ndarray, np.ndarray, jax.Array]], run: Callable, output: str,
+               progress: bool, total: int | None) -> Iterator[np.ndarray]:
+    """Yields each pair's result: chunk k+1 is prepared and dispatched before chunk k is fetched to the host."""
+    with tqdm(total=total, desc="interpolating", unit="pair", disable=not progress) as bar:
+        pending = None
+        for count, *chunk in chunks:
+            running = (count, run(*chunk))
+            if pending is not None:
+                yield from _fetch(pending[1], output)[:pending[0]]
+                bar.update(pending[0])
+            pending = running
+        if pending is not None:
+            yield from _fetch(pending[1], output)[:pending[0]]
+            bar.update(pending[0])
+
+
+def _fetch(videos: jax.Array | list[jax.Array], output: str) -> np.ndarray:
+    """Returns a chunk's results on the host: latents, or frames (raw, in [-1, 1]) as `output` asks."""
+    if output == "latent":
+        return np.asarray(videos)
+    frames = _unit_range(np.stack([np.asarray(v) for v in videos]) if isinstance(videos, list) else
+                         np.asarray(videos))
+    return frames if output == "float" else np.round(frames * 255).astype(np.uint8)
+
+
+def _pair_chunks(pairs: Iterable[Pair], batch_size: int, key: jax.Array,
+                 first_index: int) -> Iterator[tuple[int, np.ndarray, np.ndarray, jax.Array]]:
+    """Yields (pairs in the chunk, starts `[B, H, W, 3]`, ends, pair keys `[B]`), B = batch_size; a short chunk
+    is padded with copies of its last pair."""
+    chunk: list[tuple[np.ndarray, jax.Array, int]] = []
+    size = None
+    for position, pair in enumerate(pairs):
+        if not isinstance(pair, (list, tuple)) or len(pair) not in (2, 3):
+            raise ConfigError(f"Pair {position} is a {type(pair).__name__}; pass (start, end) or (start, end, key).")
+        keyframes = _as_uint8_batch(pair[:2])
+        size = size or keyframes.shape[1:]
+        if keyframes.shape[1:] != size:
+            raise InputShapeError(f"Pair {position} has keyframes of {keyframes.shape[1:]}, the first pair "
+                                  f"{size}; fit every keyframe to one size with jinbetween.video.fit_image.")
+        own_key = len(pair) == 3
+        chunk.append((keyframes, _typed_key(pair[2]) if own_key else key, 0 if own_key else first_index + position))
+        if len(chunk) == batch_size:
+            yield _pack(chunk, batch_size)
+            chunk = []
+    if chunk:
+        yield _pack(chunk, batch_size)
+
+
+def _pack(chunk: list[tuple[np.ndarray, jax.Array, int]], batch_size: int):
+    count = len(chunk)
+    chunk = chunk + chunk[-1:] * (batch_size - count)
+    keyframes = np.stack([k for k, _, _ in chunk])
+    bases = jnp.stack([base for _, base, _ in chunk])
+    indices = jnp.asarray([index for _, _, index in chunk], jnp.int32)
+    return count, keyframes[:, 0], keyframes[:, 1], jax.vmap(jax.random.fold_in)(bases, indices)
+
+
+def _typed_key(key: jax.Array) -> jax.Array:
+    """Returns `key` as a typed key array (`jax.random.key`), wrapping a raw uint32 one (`PRNGKey`)."""
+    return key if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
+
+
+def _halves(cond: Conditioning) -> tuple[Conditioning, Conditioning]:
+    """Returns the first and second half of a Conditioning batch (start keyframes, then end keyframes)."""
+    n = cond.image_embeds.shape[0] // 2
+    return tuple(jax.tree.map(lambda a, s=s: a[s], cond) for s in (slice(0, n), slice(n, 2 * n)))
+
+
+def _pair_aug_keys(spec: Method, aug_keys: jax.Array) -> jax.Array:
+    """Returns the augmentation keys `[2n]` of n pairs' [starts; ends]: one draw shared by both keyframes of a
+    pair, or one each, as the method's official code does."""
+    if spec.shared_aug_noise:
+        return jnp.concatenate([aug_keys, aug_keys])
+    return jnp.concatenate([jax.vmap(lambda k: jax.random.fold_in(k, j))(aug_keys) for j in (0, 1)])
+
+
+def _unit_range(frames: np.ndarray) -> np.ndarray:
+    """Returns decoded frames in [-1, 1] as float32 in [0, 1], clipped."""
+    return np.clip(frames / 2 + 0.5, 0, 1)
 
 
 def _check_output(output: str) -> None:
@@ -255,11 +489,21 @@ def _check_output(output: str) -> None:
 
 def _sample_keys(key: jax.Array | None, first_index: int, n: int) -> tuple[jax.Array, jax.Array]:
     """(augmentation keys, sampler keys), each `[n]`: sample i derives both from `fold_in(key, first_index + i)`."""
+    key = _resolve_key(key)
+    return _split_keys(jax.vmap(lambda i: jax.random.fold_in(key, i))(first_index + jnp.arange(n)))
+
+
+def _resolve_key(key: jax.Array | None) -> jax.Array:
+    """Returns `key`, or a key from a fresh random seed (logged) when it is None."""
     if key is None:
         seed = secrets.randbits(31)
         log.info("sampling with seed %d", seed)
         key = jax.random.key(seed)
-    sample_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(first_index + jnp.arange(n))
+    return key
+
+
+def _split_keys(sample_keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(augmentation keys, sampler keys), each `[n]`, from the samples' own keys `[n]`."""
     return tuple(jax.vmap(lambda k: jax.random.split(k)[j])(sample_keys) for j in (0, 1))
 
 
@@ -282,6 +526,8 @@ def _progress_bar(total: int):
         return
     with tqdm(total=total, desc="denoising", unit="step") as bar, sampling_progress(lambda step: bar.update()):
         yield
+        # Sampling is dispatched asynchronously: wait for its step callbacks before the bar's hook is removed.
+        jax.effects_barrier()
 
 
 def _batch_of(array: np.ndarray | None, batched: bool) -> np.ndarray | None:

@@ -48,12 +48,12 @@ def c_in(sigma: jax.Array) -> jax.Array:
 
 def denoised(x: jax.Array, v: jax.Array, sigma: jax.Array) -> jax.Array:
     """Returns x0 = c_out·v + c_skip·x for v-prediction (c_out = −σ/√(σ²+1), c_skip = 1/(σ²+1))."""
-    return v * (-sigma / jnp.sqrt(sigma**2 + 1)) + x / (sigma**2 + 1)
+    return v * (-sigma / jnp.sqrt(sigma**2 + 1)) + x * (1 / (sigma**2 + 1))
 
 
 def euler_step(x: jax.Array, x0: jax.Array, sigma: jax.Array, sigma_next: jax.Array) -> jax.Array:
     """Returns x at σ_next by one Euler step of the probability-flow ODE; σ_next = 0 gives x0."""
-    return x + (x - x0) / sigma * (sigma_next - sigma)
+    return x + (x - x0) * ((sigma_next - sigma) / sigma)
 
 
 def renoise(x: jax.Array, sigma: jax.Array, sigma_up: jax.Array, noise: jax.Array) -> jax.Array:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jinbetween import hardware
 from jinbetween.errors import ConfigError, InputShapeError
 
 log = logging.getLogger(__name__)
@@ -60,15 +61,19 @@ ATTENTION_KERNELS: dict[str, Callable[[jax.Array, jax.Array, jax.Array], jax.Arr
 
 
 def resolve_attention_impl(impl: str, dtype, head_dim: int) -> str:
-    """Returns the concrete kernel name for `impl` ("auto" follows the backend and dtype)."""
-    cudnn_ok = jax.default_backend() == "gpu" and dtype in _HALF_DTYPES and head_dim % 8 == 0 and head_dim <= 256
+    """Returns the concrete kernel name for `impl` ("auto" follows the backend, the GPU's generation and dtype)."""
+    shape_ok = dtype in _HALF_DTYPES and head_dim % 8 == 0 and head_dim <= 256
+    cudnn_ok = hardware.modern_gpu() and shape_ok
     if impl == "auto":
+        if not cudnn_ok and shape_ok and jax.default_backend() == "gpu":
+            hardware.note_old_gpu("XLA attention (cuDNN flash attention needs Ampere or newer)")
         return "cudnn" if cudnn_ok else "xla_chunked"
     if impl == "cudnn" and not cudnn_ok:
         raise ConfigError(
-            f"attention_impl='cudnn' needs a GPU, bf16/fp16 activations and a head dim that is a multiple of 8 "
-            f"and <= 256 (got backend {jax.default_backend()}, {jnp.dtype(dtype).name}, head dim {head_dim}); "
-            "use attention_impl='auto' or 'xla'.")
+            f"attention_impl='cudnn' needs an Ampere or newer GPU, bf16/fp16 activations and a head dim that is a "
+            f"multiple of 8 and <= 256 (got backend {jax.default_backend()}, compute capability "
+            f"{hardware.gpu_compute_capability()}, {jnp.dtype(dtype).name}, head dim {head_dim}); use "
+            "attention_impl='auto' or 'xla'.")
     return impl
 
 

@@ -49,10 +49,10 @@ def distilled_estimate(x: jax.Array, x0_forward: jax.Array, sigma: jax.Array, z_
     differences of the forward per-frame noise; x̂0_b = x_b − σ·ε_b, its last frame pinned to z_start.
     (The sum telescopes: the result is x0_forward + (z_end − x0_forward[-1]) with frame 0 = z_start.)
     """
-    eps_forward = (x - x0_forward) / sigma
+    eps_forward = (x - x0_forward) * (1 / sigma)
     motion = eps_forward[:, 1:] - eps_forward[:, :-1]
     x_backward = flip_time(x)
-    anchor = (x_backward[:, :1] - z_end[:, None]) / sigma
+    anchor = (x_backward[:, :1] - z_end[:, None]) * (1 / sigma)
     eps_backward = jnp.concatenate([anchor, anchor + jnp.cumsum(-flip_time(motion), axis=1)], axis=1)
     x0_backward = pin_last_frame(x_backward - sigma * eps_backward, z_start)
     return flip_time(x0_backward)

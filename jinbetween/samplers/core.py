@@ -57,7 +57,7 @@ def fuse(forward: jax.Array, backward: jax.Array, forward_weights: jax.Array,
 def cfg_pp_step(x0: jax.Array, x: jax.Array, x0_uncond: jax.Array, sigma: jax.Array,
                 sigma_next: jax.Array) -> jax.Array:
     """Returns the CFG++ update `x0 + σ_next·(x − x0_uncond)/σ`: the estimate moved along the unconditional noise."""
-    return x0 + sigma_next * (x - x0_uncond) / sigma
+    return x0 + (x - x0_uncond) * (sigma_next / sigma)
 
 
 # --------------------------------------------------------------------------------------------------
