@@ -70,7 +70,7 @@ def resolve_attention_impl(impl: str, dtype, head_dim: int) -> str:
         return "cudnn" if cudnn_ok else "xla_chunked"
     if impl == "cudnn" and not cudnn_ok:
         raise ConfigError(
-            f"attention_impl='cudnn' needs an Ampere or newer GPU, bf16/fp16 activations and a head dim that is a "
+            f"attention_impl='cudnn' needs a GPU (Ampere or newer), bf16/fp16 activations and a head dim that is a "
             f"multiple of 8 and <= 256 (got backend {jax.default_backend()}, compute capability "
             f"{hardware.gpu_compute_capability()}, {jnp.dtype(dtype).name}, head dim {head_dim}); use "
             "attention_impl='auto' or 'xla'.")

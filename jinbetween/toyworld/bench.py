@@ -78,8 +78,13 @@ def score_pairs(videos: dict[str, np.ndarray], seeds: Sequence[int],
 
 def mean_scores(per_pair: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
     """Returns {method: {score: mean over the pairs that have a value}} of `score_pairs`' output."""
-    return {method: {name: float(np.nanmean(values)) for name, values in scores.items()}
-            for method, scores in per_pair.items()}
+    return {method: {name: _nan_mean(values) for name, values in scores.items()} for method, scores in per_pair.items()}
+
+
+def _nan_mean(values: list[float]) -> float:
+    """The mean of the values that are not NaN; NaN (without numpy's warning) when there are none."""
+    finite = np.asarray(values, float)[~np.isnan(values)]
+    return float(finite.mean()) if finite.size else float("nan")
 
 
 def score(videos: dict[str, np.ndarray], seeds: Sequence[int],
