@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import os
@@ -368,8 +369,7 @@ class Pipeline:
     def _finish(self, video_latents: jax.Array, output: str, decode_chunk_size: int | None) -> np.ndarray:
         if output == "latent":
             return np.asarray(video_latents)
-        frames = self.decode(video_latents, decode_chunk_size)
-        return frames if output == "float" else np.round(frames * 255).astype(np.uint8)
+        return _as_output(self.decode(video_latents, decode_chunk_size), output)
 
 
 def _encode_pairs(vae: ModelState[VAE], encoder: ModelState[ImageEncoder], pixels: jax.Array, clip_input: jax.Array,
@@ -404,26 +404,23 @@ def _video_decoder(chunk_size: int | None) -> Callable:
 def _pipelined(chunks: Iterator[tuple[int, np.ndarray, np.ndarray, jax.Array]], run: Callable, output: str,
                progress: bool, total: int | None) -> Iterator[np.ndarray]:
     """Yields each pair's result: chunk k+1 is prepared and dispatched before chunk k is fetched to the host."""
+    dispatched = ((count, run(*chunk)) for count, *chunk in chunks)
     with tqdm(total=total, desc="interpolating", unit="pair", disable=not progress) as bar:
-        pending = None
-        for count, *chunk in chunks:
-            running = (count, run(*chunk))
-            if pending is not None:
-                yield from _fetch(pending[1], output)[:pending[0]]
-                bar.update(pending[0])
-            pending = running
-        if pending is not None:
-            yield from _fetch(pending[1], output)[:pending[0]]
-            bar.update(pending[0])
+        previous = None
+        for current in itertools.chain(dispatched, [None]):  # drawing `current` dispatches the next chunk
+            if previous is not None:
+                count, results = previous
+                yield from _fetch(results, output)[:count]
+                bar.update(count)
+            previous = current
 
 
 def _fetch(videos: jax.Array | list[jax.Array], output: str) -> np.ndarray:
     """Returns a chunk's results on the host: latents, or frames (raw, in [-1, 1]) as `output` asks."""
     if output == "latent":
         return np.asarray(videos)
-    frames = _unit_range(np.stack([np.asarray(v) for v in videos]) if isinstance(videos, list) else
-                         np.asarray(videos))
-    return frames if output == "float" else np.round(frames * 255).astype(np.uint8)
+    return _as_output(_unit_range(np.stack([np.asarray(v) for v in videos]) if isinstance(videos, list) else
+                                  np.asarray(videos)), output)
 
 
 def _pair_chunks(pairs: Iterable[Pair], batch_size: int, key: jax.Array,
@@ -475,6 +472,11 @@ def _pair_aug_keys(spec: Method, aug_keys: jax.Array) -> jax.Array:
     if spec.shared_aug_noise:
         return jnp.concatenate([aug_keys, aug_keys])
     return jnp.concatenate([jax.vmap(lambda k: jax.random.fold_in(k, j))(aug_keys) for j in (0, 1)])
+
+
+def _as_output(frames: np.ndarray, output: str) -> np.ndarray:
+    """Returns float frames in [0, 1] as `output` asks: as they are ("float") or uint8."""
+    return frames if output == "float" else np.round(frames * 255).astype(np.uint8)
 
 
 def _unit_range(frames: np.ndarray) -> np.ndarray:
