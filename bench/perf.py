@@ -1,0 +1,787 @@
+"""Speed and memory on one GPU, jinbetween (bf16) beside diffusers (fp16, eager and `torch.compile`), one harness.
+
+    PYTHONPATH=. python bench/perf.py models   --out bench/results/perf_models_h200.json
+    PYTHONPATH=. python bench/perf.py samplers --out bench/results/perf_samplers_h200.json
+    PYTHONPATH=. python bench/perf.py profile  --out bench/results/perf_profile_h200.json --trace-dir $OUT
+    python bench/perf.py table bench/results/perf_models_h200.json bench/results/perf_samplers_h200.json
+
+A *set* is a list of cases, `--cases` picks some (comma-separated); each case runs in a process of its own,
+so that peak-memory readings do not mix, and the JSON is rewritten after every case, so a run cut short
+keeps what it finished. Cases are `KIND/IMPL/TARGET[:option=value,...]`:
+
+  unet/jax/b2, unet/torch-eager/b2, unet/torch-compile/b2   one UNet forward on B videos (B=2: one CFG call)
+  vae/jax, vae/jax:lean=0, vae/torch-eager, vae/torch-compile  decode of all frames (`:chunk=8` for chunks)
+  run/jax/METHOD (i2v, gi, trf, mpd, mpd-seq, vibid)          a whole Pipeline call: encode, sample, decode
+  run/torch-eager/i2v                                        diffusers' StableVideoDiffusionPipeline
+  profile/jax/unet-b2, profile/torch-eager/unet-b2           per-kernel time of one warm UNet forward
+
+Random weights (speed and memory do not depend on their values); SVD-XT, 25 frames at 576×1024 unless
+set otherwise; methods at their defaults (`--steps` overrides, for smoke runs). JAX: compiled ahead of time
+(compile seconds apart), then the median of `--repeats` calls after one warm-up call; run cases time
+whole Pipeline calls instead, the first one (compilation included) apart. Torch: the first call
+(torch.compile's compilation included) apart, then the median. Peak memory: `memory_stats()
+["peak_bytes_in_use"]` / `torch.cuda.max_memory_allocated()`, weights included. FLOPs are counted, not
+estimated: jinbetween's from its jaxpr (`jinbetween.flops`), diffusers' with `FlopCounterMode`; both count
+matrix products and convolutions only. Torch has no GI/TRF/MPD/ViBiD: `table` estimates them as
+UNet calls × diffusers' B=2 forward + its decode, and says so. `--tiny` runs tiny models on a CPU (a check
+of this script, not a benchmark).
+
+On the GPU machine diffusers is not installed: carry its wheel (see bench/NOTES.md, "Running the harness").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SETS = {
+    "models": ["unet/jax/b1", "unet/jax/b2", "vae/jax", "vae/jax:lean=0", "unet/torch-eager/b1", "unet/torch-eager/b2",
+               "vae/torch-eager", "unet/torch-compile/b1", "unet/torch-compile/b2", "vae/torch-compile"],
+    "samplers": ["run/jax/i2v", "run/torch-eager/i2v", "run/jax/mpd-seq", "run/jax/vibid", "run/jax/trf",
+                 "run/jax/mpd", "run/jax/gi", "run/jax/gi:decode_chunk=8"],
+    "profile": ["profile/jax/unet-b2", "profile/torch-eager/unet-b2"],
+}
+METHOD_NAMES = ("i2v", "gi", "trf", "mpd", "mpd-seq", "vibid")
+
+
+# --------------------------------------------------------------------------------------------------
+# Cases.
+
+
+def parse_case(text: str) -> tuple[str, str, str, dict[str, str]]:
+    """Returns (kind, impl, target, options) of `KIND/IMPL/TARGET[:k=v,...]`."""
+    spec, _, opts = text.partition(":")
+    parts = spec.split("/")
+    if parts[0] == "vae" and len(parts) == 2:
+        parts.append("decode")
+    if len(parts) != 3 or parts[0] not in ("unet", "vae", "run", "profile"):
+        raise SystemExit(f"bad case {text!r}: expected KIND/IMPL/TARGET[:option=value,...] (see --help)")
+    pairs = [kv.split("=", 1) for kv in opts.split(",") if kv]
+    if any(len(pair) != 2 for pair in pairs):
+        raise SystemExit(f"bad options in case {text!r}: write them as :option=value,option=value")
+    kind, impl, target = parts
+    options = dict(pairs)
+    return kind, impl, target, options
+
+
+class Sizes:
+    """Model configs and tensor sizes of a run: SVD-XT at the given size, or tiny models (`--tiny`)."""
+
+    def __init__(self, args):
+        from jinbetween import config
+
+        self.tiny = args.tiny
+        if args.tiny:
+            from tests.torch_reference import TINY_PIPELINE_CLIP
+
+            self.unet, self.vae, self.encoder = config.tiny(), config.tiny_vae(), TINY_PIPELINE_CLIP
+        else:
+            self.unet, self.vae, self.encoder = config.svd_xt(), config.svd_vae(), config.svd_image_encoder()
+        self.frames, self.height, self.width = args.frames, args.height, args.width
+        factor = self.vae.downsample_factor
+        self.latent = (self.height // factor, self.width // factor)
+
+
+def timed_calls(fn, repeats: int) -> dict:
+    """Calls `fn` (which blocks until done) once to warm up, then `repeats` times; returns the times."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return {"first_call_s": first, "median_s": statistics.median(times), "times_s": times}
+
+
+def with_rate(result: dict, flops: float | None) -> dict:
+    """Adds the counted FLOPs and the achieved TFLOP/s of the median time."""
+    result["flops"] = flops
+    result["tflop_per_s"] = flops / result["median_s"] / 1e12 if flops and result.get("median_s") else None
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# jinbetween.
+
+
+def jax_dtype(sizes: Sizes):
+    import jax.numpy as jnp
+
+    return jnp.float32 if sizes.tiny else jnp.bfloat16
+
+
+def random_module(abstract, seed: int, dtype):
+    """The abstract NNX module filled with N(0, 0.02²) parameters in `dtype` (drawn by numpy: one jitted draw per
+    parameter shape would compile for longer than the benchmark runs)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    graphdef, state = nnx.split(abstract)
+    rng = np.random.default_rng(seed)
+    filled = jax.tree.map(lambda leaf: jnp.asarray(rng.standard_normal(leaf.shape, np.float32) * 0.02, dtype), state)
+    return nnx.merge(graphdef, filled)
+
+
+def abstract_state(module_abstract, dtype):
+    """The abstract module's state as ShapeDtypeStructs of `dtype`, for counting FLOPs without weights."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(module_abstract)
+    return graphdef, jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), state)
+
+
+def unet_inputs(sizes: Sizes, batch: int):
+    import jax
+    import jax.numpy as jnp
+
+    keys = jax.random.split(jax.random.key(7), 2)
+    h, w = sizes.latent
+    x = jax.random.normal(keys[0], (batch, sizes.frames, h, w, sizes.unet.in_channels), jnp.float32)
+    embeds = jax.random.normal(keys[1], (batch, 1, sizes.unet.cross_attention_dim[0]), jnp.float32)
+    c_noise = jnp.full((batch,), 0.25 * jnp.log(700.0), jnp.float32)
+    ids = jnp.tile(jnp.asarray([[6.0, 127.0, 0.02]], jnp.float32), (batch, 1))
+    return x, c_noise, embeds, ids
+
+
+def counted_unet_flops(sizes: Sizes, batch: int) -> float:
+    """FLOPs of one forward, counted on the XLA attention kernel (a fused kernel is one opaque call)."""
+    import functools
+
+    from jinbetween.flops import count_flops
+    from jinbetween.models import abstract_unet, unet_apply
+
+    graphdef, state = abstract_state(abstract_unet(sizes.unet.replace(attention_impl="xla")), jax_dtype(sizes))
+    return count_flops(functools.partial(unet_apply, graphdef), state, *unet_inputs(sizes, batch)).total
+
+
+def counted_decode_flops(sizes: Sizes, chunk: int, lean: bool) -> float:
+    from jinbetween.flops import count_flops
+    from jinbetween.models import abstract_vae
+    from jinbetween.models.vae import _decode_video
+
+    graphdef, state = abstract_state(abstract_vae(sizes.vae.replace(attention_impl="xla", lean_decode=lean)),
+                                     jax_dtype(sizes))
+    import jax
+
+    latents = jax.ShapeDtypeStruct((sizes.frames, *sizes.latent, sizes.vae.latent_channels), "float32")
+    return count_flops(lambda s, z: _decode_video(graphdef, s, z, chunk), state, latents).total
+
+
+def jax_unet(sizes: Sizes, batch: int, repeats: int) -> dict:
+    import functools
+
+    import jax
+    from flax import nnx
+
+    from jinbetween.models import abstract_unet, unet_apply
+
+    unet = random_module(abstract_unet(sizes.unet), 0, jax_dtype(sizes))
+    graphdef, state = nnx.split(unet)
+    inputs = unet_inputs(sizes, batch)
+    start = time.perf_counter()
+    compiled = jax.jit(functools.partial(unet_apply, graphdef)).lower(state, *inputs).compile()
+    compile_s = time.perf_counter() - start
+    result = {"compile_s": compile_s,
+              **timed_calls(lambda: jax.block_until_ready(compiled(state, *inputs)), repeats)}
+    return with_rate(result, counted_unet_flops(sizes, batch))
+
+
+def jax_vae(sizes: Sizes, options: dict, repeats: int) -> dict:
+    import jax
+    from flax import nnx
+
+    from jinbetween.models import abstract_vae
+    from jinbetween.models.vae import _decode_video
+
+    lean = options.get("lean", "1") != "0"
+    chunk = min(int(options.get("chunk", sizes.frames)), sizes.frames)
+    vae = random_module(abstract_vae(sizes.vae.replace(lean_decode=lean)), 0, jax_dtype(sizes))
+    graphdef, state = nnx.split(vae)
+    latents = jax.random.normal(jax.random.key(1), (sizes.frames, *sizes.latent, sizes.vae.latent_channels))
+    start = time.perf_counter()
+    compiled = _decode_video.lower(graphdef, state, latents, chunk).compile()
+    compile_s = time.perf_counter() - start
+    result = {"compile_s": compile_s, "chunk": chunk, "lean_decode": lean,
+              **timed_calls(lambda: jax.block_until_ready(compiled(state, latents)), repeats)}
+    return with_rate(result, counted_decode_flops(sizes, chunk, lean))
+
+
+def random_pipeline(sizes: Sizes):
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jinbetween import Pipeline
+    from jinbetween.delta import delta_shapes
+    from jinbetween.models import abstract_image_encoder, abstract_unet, abstract_vae
+
+    dtype = jax_dtype(sizes)
+    pipe = Pipeline(random_module(abstract_unet(sizes.unet), 0, dtype),
+                    random_module(abstract_vae(sizes.vae), 1, dtype),
+                    random_module(abstract_image_encoder(sizes.encoder), 2, dtype))
+    rng = np.random.default_rng(3)
+    pipe.backward_delta = {k: jnp.asarray(0.01 * rng.standard_normal(s, np.float32))
+                           for k, s in sorted(delta_shapes(sizes.unet).items())}
+    return pipe
+
+
+def counted_run_flops(sizes: Sizes, method: str, cfg, chunk: int) -> dict[str, float]:
+    """FLOPs of one video: the sampler (its whole lax.scan), the decode, and the encoding of its keyframes."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jinbetween import conditioning
+    from jinbetween.conditioning import Conditioning
+    from jinbetween.flops import count_flops
+    from jinbetween.models import abstract_image_encoder, abstract_unet, abstract_vae
+    from jinbetween.models.state import ModelState
+    from jinbetween.delta import delta_shapes
+    from jinbetween.samplers import METHODS, sample_i2v
+
+    dtype = jax_dtype(sizes)
+    unet = ModelState(*abstract_state(abstract_unet(sizes.unet.replace(attention_impl="xla")), dtype))
+    h, w = sizes.latent
+    sds = jax.ShapeDtypeStruct
+    cond = Conditioning(image_embeds=sds((1, 1, sizes.unet.cross_attention_dim[0]), jnp.float32),
+                        image_latent=sds((1, h, w, sizes.vae.latent_channels), jnp.float32),
+                        clean_latent=sds((1, h, w, sizes.vae.latent_channels), jnp.float32),
+                        added_time_ids=sds((1, 3), jnp.float32))
+    keys = jax.random.split(jax.random.key(0), 1)
+    if method == "i2v":
+        sample = count_flops(lambda u, c, k: sample_i2v(u, c, k, cfg), unet, cond, keys).total
+        keyframes = 1
+    else:
+        spec = METHODS[method]
+        extra = ({k: sds(s, jnp.float32) for k, s in delta_shapes(sizes.unet).items()},) if spec.uses_delta else ()
+        sample = count_flops(lambda u, s, e, k, *x: spec.sample(u, s, e, k, cfg, *x), unet, cond, cond, keys,
+                             *extra).total
+        keyframes = 2
+    vae_graph, vae_state = abstract_state(abstract_vae(sizes.vae.replace(attention_impl="xla")), dtype)
+    enc_graph, enc_state = abstract_state(abstract_image_encoder(sizes.encoder), dtype)
+    size = sizes.encoder.image_size
+    encode = count_flops(
+        lambda vs, es, px, clip, noise, ids: conditioning.encode_keyframes(
+            nnx.merge(vae_graph, vs), nnx.merge(enc_graph, es), px, clip, noise, ids),
+        vae_state, enc_state, sds((keyframes, sizes.height, sizes.width, 3), jnp.float32),
+        sds((keyframes, size, size, 3), jnp.float32), sds((keyframes, sizes.height, sizes.width, 3), jnp.float32),
+        sds((3,), jnp.float32)).total
+    return {"sample": sample, "decode": counted_decode_flops(sizes, chunk, sizes.vae.lean_decode), "encode": encode}
+
+
+def jax_run(sizes: Sizes, method: str, options: dict, repeats: int, steps: int | None) -> dict:
+    import jax
+    import numpy as np
+
+    from jinbetween.pipeline import _method_config
+    from jinbetween.samplers import I2VConfig, METHODS, unet_calls
+
+    pipe = random_pipeline(sizes)
+    rng = np.random.default_rng(0)
+    start_image, end_image = rng.integers(0, 256, (2, sizes.height, sizes.width, 3), dtype=np.uint8)
+    chunk = int(options["decode_chunk"]) if "decode_chunk" in options else None
+    progress = options.get("progress", "0") == "1"
+    if method == "i2v":
+        cfg = I2VConfig(num_frames=sizes.frames, num_steps=steps or 25)
+        calls = len(cfg.program())
+
+        def call():
+            return pipe.image_to_video(start_image, key=jax.random.key(1), num_frames=sizes.frames,
+                                       num_inference_steps=cfg.num_steps, decode_chunk_size=chunk, progress=progress)
+    else:
+        cfg = _method_config(METHODS[method], num_frames=sizes.frames, num_steps=steps)
+        calls = unet_calls(method, cfg)
+
+        def call():
+            return pipe.interpolate(start_image, end_image, method=method, key=jax.random.key(1),
+                                    num_frames=sizes.frames, num_inference_steps=steps, decode_chunk_size=chunk,
+                                    progress=progress)
+
+    result = timed_calls(call, repeats)
+    flops = counted_run_flops(sizes, method, cfg, chunk or sizes.frames)
+    result.update(method=method, steps=cfg.num_steps, unet_calls=calls, moves=len(cfg.program()),
+                  decode_chunk=chunk or sizes.frames, progress=progress, flops_by_phase=flops,
+                  compile_s_derived=result["first_call_s"] - result["median_s"])
+    return with_rate(result, sum(flops.values()))
+
+
+def jax_profile(sizes: Sizes, target: str, trace_dir: str | None) -> dict:
+    """Per-kernel time of one warm UNet forward (`unet-b1` / `unet-b2`) from JAX's profiler trace."""
+    import functools
+    import shutil
+    import tempfile
+
+    import jax
+    from flax import nnx
+
+    from jinbetween.models import abstract_unet, unet_apply
+
+    batch = int(target.removeprefix("unet-b"))
+    unet = random_module(abstract_unet(sizes.unet), 0, jax_dtype(sizes))
+    graphdef, state = nnx.split(unet)
+    inputs = unet_inputs(sizes, batch)
+    forward = jax.jit(functools.partial(unet_apply, graphdef))
+    for _ in range(2):
+        jax.block_until_ready(forward(state, *inputs))
+    folder = tempfile.mkdtemp(prefix="jaxprof")
+    start = time.perf_counter()
+    with jax.profiler.trace(folder, create_perfetto_trace=True):
+        jax.block_until_ready(forward(state, *inputs))
+    wall = time.perf_counter() - start
+    trace = next(Path(folder).rglob("*.trace.json.gz"))
+    summary = summarize_jax_trace(trace)
+    if trace_dir:
+        Path(trace_dir).mkdir(parents=True, exist_ok=True)
+        shutil.copy(trace, Path(trace_dir) / f"jax_{target}.trace.json.gz")
+    return {"wall_s_under_profiler": wall, **summary}
+
+
+# --------------------------------------------------------------------------------------------------
+# diffusers.
+
+
+def torch_device():
+    import torch
+
+    return ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
+
+
+def torch_timed(fn, repeats: int) -> dict:
+    import torch
+
+    def synced():
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    return timed_calls(synced, repeats)
+
+
+def torch_flops(fn) -> float:
+    """FLOPs of `fn()` by FlopCounterMode. On a CPU, attention takes the math path: FlopCounterMode knows the
+    GPU's fused attention kernels but not the CPU's, which it would count as zero."""
+    import contextlib
+
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    backend = contextlib.nullcontext() if torch.cuda.is_available() else sdpa_kernel(SDPBackend.MATH)
+    with backend, FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def torch_peak(reset: bool = False) -> int | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.max_memory_allocated()
+
+
+def torch_unet_call(sizes: Sizes, batch: int):
+    """Returns (module, call) for diffusers' UNet on random inputs on the torch device."""
+    import torch
+
+    from tests.torch_reference import diffusers_unet
+
+    device, dtype = torch_device()
+    unet = diffusers_unet(sizes.unet).to(device, dtype)
+    h, w = sizes.latent
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(batch, sizes.frames, sizes.unet.in_channels, h, w, generator=gen).to(device, dtype)
+    embeds = torch.randn(batch, 1, sizes.unet.cross_attention_dim[0], generator=gen).to(device, dtype)
+    t = torch.full((batch,), 0.25 * float(torch.log(torch.tensor(700.0))), device=device)
+    ids = torch.tensor([[6.0, 127.0, 0.02]] * batch, device=device, dtype=dtype)
+
+    def call(module):
+        with torch.no_grad():
+            return module(x, t, embeds, ids, return_dict=False)[0]
+
+    return unet, call
+
+
+def torch_unet(sizes: Sizes, batch: int, compiled: bool, repeats: int) -> dict:
+    import torch
+
+    unet, call = torch_unet_call(sizes, batch)
+    flops = torch_flops(lambda: call(unet))
+    module = torch.compile(unet) if compiled else unet
+    torch_peak(reset=True)
+    result = torch_timed(lambda: call(module), repeats)
+    result["peak_bytes"] = torch_peak()
+    return with_rate(result, flops)
+
+
+def torch_vae(sizes: Sizes, options: dict, compiled: bool, repeats: int) -> dict:
+    import torch
+
+    from tests.torch_reference import diffusers_vae
+
+    device, dtype = torch_device()
+    vae = diffusers_vae(sizes.vae).to(device, dtype)
+    chunk = min(int(options.get("chunk", sizes.frames)), sizes.frames)
+    latents = torch.randn(sizes.frames, sizes.vae.latent_channels, *sizes.latent,
+                          generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    decoder = torch.compile(vae.decode) if compiled else vae.decode
+
+    def decode(fn):  # StableVideoDiffusionPipeline.decode_latents' loop
+        with torch.no_grad():
+            z = latents / sizes.vae.scaling_factor
+            return torch.cat([fn(z[i:i + chunk], num_frames=len(z[i:i + chunk])).sample
+                              for i in range(0, len(z), chunk)])
+
+    flops = torch_flops(lambda: decode(vae.decode))
+    torch_peak(reset=True)
+    result = torch_timed(lambda: decode(decoder), repeats)
+    result.update(chunk=chunk, peak_bytes=torch_peak())
+    return with_rate(result, flops)
+
+
+def torch_run_i2v(sizes: Sizes, repeats: int, steps: int | None) -> dict:
+    """diffusers' StableVideoDiffusionPipeline, whole call (encode, 25 Euler steps with CFG, decode, to numpy)."""
+    import numpy as np
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    from tests.torch_reference import SVD_SCHEDULER, diffusers_unet, diffusers_vae, transformers_clip
+
+    device, dtype = torch_device()
+    pipe = StableVideoDiffusionPipeline(
+        vae=diffusers_vae(sizes.vae), image_encoder=transformers_clip(sizes.encoder),
+        unet=diffusers_unet(sizes.unet), scheduler=EulerDiscreteScheduler.from_config(SVD_SCHEDULER),
+        feature_extractor=CLIPImageProcessor()).to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (sizes.height, sizes.width, 3), dtype=np.uint8))
+    num_steps = steps or 25
+
+    def call():
+        return pipe(image, height=sizes.height, width=sizes.width, num_frames=sizes.frames,
+                    num_inference_steps=num_steps, output_type="np").frames
+
+    torch_peak(reset=True)
+    result = torch_timed(call, repeats)
+    result.update(method="i2v", steps=num_steps, unet_calls=num_steps, peak_bytes=torch_peak())
+    return with_rate(result, torch_flops(call))
+
+
+def torch_profile(sizes: Sizes, target: str) -> dict:
+    """Per-kernel time of one warm diffusers UNet forward from torch.profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    unet, call = torch_unet_call(sizes, int(target.removeprefix("unet-b")))
+    for _ in range(2):
+        call(unet)
+    activities = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        call(unet)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    gpu = torch.cuda.is_available()
+    kernels = {}
+    for event in prof.key_averages():
+        us = event.device_time_total if gpu else event.self_cpu_time_total
+        if us > 0 and (gpu or not event.key.startswith("aten::") or event.self_cpu_time_total):
+            kernels[event.key] = (us / 1e6, event.count)
+    return summarize_kernels(kernels, source="torch.profiler " + ("CUDA kernels" if gpu else "CPU ops (self time)"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Profile summaries.
+
+_CATEGORIES = [  # (category, pattern): the first match names a kernel's category
+    ("attention", r"sdpa|fmha|flash|attention"),
+    ("gemm (XLA triton)", r"triton_gemm|gemm_fusion|__triton_gemm"),
+    ("transpose / copy", r"transpose|copy|memcpy|memset|concatenate|\bcat\b|permute|dynamic.update.slice"),
+    ("reduction fusion", r"^input_|reduce|norm|softmax"),
+    ("elementwise fusion", r"^loop_|^fusion|^wrapped_|elementwise|^triton"),
+    ("convolution", r"fprop|implicit|conv|winograd|dgrad|wgrad"),
+    ("gemm", r"gemm|nvjet|cutlass|xmma|matmul|cublas|\bmm\b|addmm|bmm"),
+]
+
+
+def categorize(name: str) -> str:
+    lowered = name.lower()
+    for category, pattern in _CATEGORIES:
+        if re.search(pattern, lowered):
+            return category
+    return "other"
+
+
+def summarize_kernels(kernels: dict[str, tuple[float, int]], source: str, top: int = 40) -> dict:
+    """Totals by category and the `top` kernels by time, from {kernel name: (seconds, count)}."""
+    by_category: dict[str, float] = {}
+    for name, (seconds, _) in kernels.items():
+        by_category[categorize(name)] = by_category.get(categorize(name), 0.0) + seconds
+    total = sum(by_category.values())
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"source": source, "kernel_s_total": total, "kernels": len(kernels),
+            "by_category_s": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
+            "top": [{"name": name[:160], "s": s, "count": n, "category": categorize(name)} for name, (s, n) in ranked]}
+
+
+def summarize_jax_trace(path: Path) -> dict:
+    """Kernel times from a JAX profiler trace (`*.trace.json.gz`, trace-event JSON).
+
+    On a GPU: the events of `/device:GPU:*` lines named "Stream ..." (one per kernel launch). Without a GPU: the
+    host events that carry an `hlo_op` (XLA's CPU thunks), so the same summary works on a CPU trace.
+    """
+    import gzip
+
+    events = json.loads(gzip.open(path).read())["traceEvents"]
+    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    device_pids = {pid for pid, name in processes.items() if name.startswith("/device:")}
+    lines: dict[str, float] = {}
+    kernels: dict[str, tuple[float, int]] = {}
+    hlo_ops: dict[str, tuple[float, int]] = {}
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        line = threads.get((e["pid"], e.get("tid")), "")
+        if device_pids:
+            if e["pid"] not in device_pids:
+                continue
+            lines[line] = lines.get(line, 0.0) + e["dur"] / 1e6
+            if not line.startswith("Stream"):
+                continue
+        elif "hlo_op" not in e.get("args", {}):
+            continue
+        seconds, count = kernels.get(e["name"], (0.0, 0))
+        kernels[e["name"]] = (seconds + e["dur"] / 1e6, count + 1)
+        op = e.get("args", {}).get("hlo_op")
+        if op:
+            seconds, count = hlo_ops.get(op, (0.0, 0))
+            hlo_ops[op] = (seconds + e["dur"] / 1e6, count + 1)
+    summary = summarize_kernels(kernels, source="jax.profiler " + ("GPU stream events" if device_pids else
+                                                                   "CPU thunks (no GPU in this trace)"))
+    summary["device_lines_s"] = lines
+    summary["top_hlo_ops"] = [{"op": op, "s": s, "count": n}
+                              for op, (s, n) in sorted(hlo_ops.items(), key=lambda kv: -kv[1][0])[:40]]
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# One case (a child process).
+
+
+def environment() -> dict:
+    info = {"python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "")}
+    try:
+        import jax
+
+        info.update(jax=jax.__version__, device=jax.devices()[0].device_kind, backend=jax.default_backend())
+        import flax
+
+        info["flax"] = flax.__version__
+    except Exception as error:  # noqa: BLE001 (recorded, not fatal: the torch side may still run)
+        info["jax_error"] = repr(error)
+    return info
+
+
+def torch_environment() -> dict:
+    import diffusers
+    import torch
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__,
+            "torch_device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch_dtype": str(torch_device()[1]).removeprefix("torch.")}
+
+
+def run_case(case: str, args) -> dict:
+    kind, impl, target, options = parse_case(case)
+    sizes = Sizes(args)
+    if impl == "jax":
+        import jax.numpy as jnp
+
+        if kind == "unet":
+            result = jax_unet(sizes, int(target.removeprefix("b")), args.repeats)
+        elif kind == "vae":
+            result = jax_vae(sizes, options, args.repeats)
+        elif kind == "run":
+            if target not in METHOD_NAMES:
+                raise SystemExit(f"unknown method {target!r}; choose one of {METHOD_NAMES}")
+            result = jax_run(sizes, target, options, args.run_repeats, args.steps)
+        else:
+            result = jax_profile(sizes, target, args.trace_dir)
+        import jax
+
+        stats = jax.devices()[0].memory_stats() or {}
+        result.setdefault("peak_bytes", stats.get("peak_bytes_in_use"))
+        result["dtype"] = jnp.dtype(jax_dtype(sizes)).name
+        env = environment()
+    elif impl in ("torch-eager", "torch-compile"):
+        compiled = impl == "torch-compile"
+        if kind == "unet":
+            result = torch_unet(sizes, int(target.removeprefix("b")), compiled, args.repeats)
+        elif kind == "vae":
+            result = torch_vae(sizes, options, compiled, args.repeats)
+        elif kind == "run" and target == "i2v" and not compiled:
+            result = torch_run_i2v(sizes, args.run_repeats, args.steps)
+        elif kind == "profile" and not compiled:
+            result = torch_profile(sizes, target)
+        else:
+            raise SystemExit(f"no torch implementation for case {case!r}")
+        env = torch_environment()
+    else:
+        raise SystemExit(f"unknown implementation {impl!r} in {case!r}: jax, torch-eager or torch-compile")
+    return {"case": case, "kind": kind, "impl": impl, "target": target, "options": options, **result, "env": env}
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver and table.
+
+
+def shared_flags(args) -> list[str]:
+    flags = ["--frames", str(args.frames), "--height", str(args.height), "--width", str(args.width),
+             "--repeats", str(args.repeats), "--run-repeats", str(args.run_repeats)]
+    flags += ["--tiny"] if args.tiny else []
+    flags += ["--steps", str(args.steps)] if args.steps else []
+    flags += ["--trace-dir", args.trace_dir] if args.trace_dir else []
+    return flags
+
+
+def drive(args) -> dict:
+    cases = args.cases.split(",") if args.cases else SETS[args.command]
+    for case in cases:
+        parse_case(case)
+    report = {"what": f"bench/perf.py {args.command}", "tiny": args.tiny, "frames": args.frames,
+              "image": [args.height, args.width], "steps_override": args.steps, "repeats": args.repeats,
+              "run_repeats": args.run_repeats, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "results": []}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    began = time.monotonic()
+    for case in cases:
+        elapsed = time.monotonic() - began
+        if args.budget_s and elapsed > args.budget_s:
+            result = {"case": case, "skipped": f"time budget of {args.budget_s} s spent ({elapsed:.0f} s)"}
+        else:
+            cmd = [sys.executable, __file__, "case", case, *shared_flags(args)]
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.case_timeout)
+                lines = done.stdout.strip().splitlines()
+                result = (json.loads(lines[-1]) if done.returncode == 0 and lines else
+                          {"case": case, "error": (done.stderr or done.stdout)[-3000:], "returncode": done.returncode})
+            except subprocess.TimeoutExpired:
+                result = {"case": case, "error": f"timed out after {args.case_timeout} s"}
+            result["wall_s"] = time.monotonic() - began - elapsed
+        report["results"].append(result)
+        print(json.dumps({k: v for k, v in result.items() if k not in ("top", "top_hlo_ops", "env")})[:700], flush=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _gb(value) -> str:
+    return "–" if value is None else f"{value / 1e9:.1f} GB"
+
+
+def _s(value) -> str:
+    return "–" if value is None else (f"{value * 1e3:.0f} ms" if value < 10 else f"{value:.1f} s")
+
+
+def table(paths: list[str]) -> str:
+    """Markdown tables of one or more harness JSON files: models side by side, whole runs with torch estimates."""
+    results = {}
+    for path in paths:
+        for r in json.loads(Path(path).read_text())["results"]:
+            if "error" not in r and "skipped" not in r:
+                results[r["case"]] = r
+    lines = []
+    model_rows = [("UNet forward, B=1", "unet/{}/b1"), ("UNet forward, B=2 (one CFG call)", "unet/{}/b2"),
+                  ("VAE decode, all frames", "vae/{}"), ("VAE decode, lean_decode off", "vae/{}:lean=0")]
+    lines += ["| what | jinbetween bf16: median · first call (compile) · peak · TFLOP/s | diffusers fp16 eager | "
+              "diffusers fp16 torch.compile | ratio to eager / compile |", "|---|---|---|---|---|"]
+
+    def cell(r):
+        if r is None:
+            return "–"
+        first = r.get("compile_s", r.get("first_call_s"))
+        rate = f" · {r['tflop_per_s']:.0f}" if r.get("tflop_per_s") else ""
+        return f"{_s(r['median_s'])} · {_s(first)} · {_gb(r.get('peak_bytes'))}{rate}"
+
+    for label, pattern in model_rows:
+        ours = results.get(pattern.format("jax"))
+        eager = results.get(pattern.format("torch-eager").replace(":lean=0", ""))
+        compiled = results.get(pattern.format("torch-compile").replace(":lean=0", ""))
+        if not ours and not eager:
+            continue
+        ratios = " / ".join(f"{ours['median_s'] / t['median_s']:.2f}×" if ours and t else "–"
+                            for t in (eager, compiled))
+        lines.append(f"| {label} | {cell(ours)} | {cell(eager)} | {cell(compiled)} | {ratios} |")
+    runs = [r for r in results.values() if r["kind"] == "run" and r["impl"] == "jax"]
+    if runs:
+        unet_torch = {impl: results.get(f"unet/{impl}/b2") for impl in ("torch-eager", "torch-compile")}
+        vae_torch = {impl: results.get(f"vae/{impl}") for impl in ("torch-eager", "torch-compile")}
+        torch_i2v = results.get("run/torch-eager/i2v")
+        lines += ["", "| method (case) | UNet calls | jinbetween: warm · first call · peak · TFLOP/s "
+                      "| diffusers fp16 eager | diffusers fp16 compile |", "|---|---|---|---|---|"]
+        for r in runs:
+            estimates = []
+            for impl in ("torch-eager", "torch-compile"):
+                if r["method"] == "i2v" and impl == "torch-eager" and torch_i2v:
+                    estimates.append(f"{_s(torch_i2v['median_s'])} (measured)")
+                elif unet_torch[impl] and vae_torch[impl]:
+                    est = r["unet_calls"] * unet_torch[impl]["median_s"] + vae_torch[impl]["median_s"]
+                    estimates.append(f"≈ {_s(est)} (calls × UNet + decode)")
+                else:
+                    estimates.append("–")
+            rate = f" · {r['tflop_per_s']:.0f}" if r.get("tflop_per_s") else ""
+            lines.append(f"| {r['case'].removeprefix('run/jax/')} | {r['unet_calls']} | {_s(r['median_s'])} · "
+                         f"{_s(r['first_call_s'])} · {_gb(r.get('peak_bytes'))}{rate} | {estimates[0]} | "
+                         f"{estimates[1]} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=[*SETS, "case", "table"])
+    parser.add_argument("names", nargs="*", help="case: the case; table: the JSON files")
+    parser.add_argument("--cases", help="comma-separated cases instead of the whole set")
+    parser.add_argument("--out", help="JSON report (sets)")
+    parser.add_argument("--frames", type=int)
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--steps", type=int, help="override every method's steps (smoke runs)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls of a model case after the warm-up")
+    parser.add_argument("--run-repeats", type=int, default=1, help="timed calls of a run case after the first")
+    parser.add_argument("--tiny", action="store_true", help="tiny models on a CPU: checks the script")
+    parser.add_argument("--budget-s", type=float, help="start no case after this many seconds")
+    parser.add_argument("--case-timeout", type=float, default=1800)
+    parser.add_argument("--trace-dir", help="profile cases copy their traces here")
+    args = parser.parse_args()
+    args.frames = args.frames or (3 if args.tiny else 25)
+    args.height = args.height or (16 if args.tiny else 576)
+    args.width = args.width or (24 if args.tiny else 1024)
+    if args.command == "table":
+        print(table(args.names))
+    elif args.command == "case":
+        print(json.dumps(run_case(args.names[0], args)))
+    else:
+        if not args.out:
+            parser.error("--out is required for a set")
+        drive(args)
+
+
+if __name__ == "__main__":
+    main()

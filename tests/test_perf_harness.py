@@ -1,0 +1,94 @@
+"""bench/perf.py on tiny models on the CPU: every kind of case runs in its own process and reports what the GPU
+runs will report, the table reads the reports, and bad cases are refused. (A check of the script; the numbers
+on a CPU mean nothing.)"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import perf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_set(tmp_path, command, cases, *extra):
+    out = tmp_path / f"{command}.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    subprocess.run([sys.executable, str(ROOT / "bench" / "perf.py"), command, "--tiny", "--cases", ",".join(cases),
+                    "--repeats", "1", "--out", str(out), *extra], check=True, env=env, cwd=tmp_path,
+                   capture_output=True, text=True)
+    report = json.loads(out.read_text())
+    return out, {r["case"]: r for r in report["results"]}
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("perf")
+    models = run_set(tmp_path, "models", ["unet/jax/b2", "unet/torch-eager/b2", "vae/jax", "vae/torch-eager"])
+    runs = run_set(tmp_path, "samplers", ["run/jax/gi", "run/jax/i2v", "run/torch-eager/i2v"], "--steps", "2")
+    profile = run_set(tmp_path, "profile", ["profile/jax/unet-b2", "profile/torch-eager/unet-b2"],
+                      "--trace-dir", str(tmp_path / "traces"))
+    return models, runs, profile, tmp_path
+
+
+def test_model_cases_report_times_memory_fields_and_counted_flops(reports):
+    (_, models), *_ = reports
+    for case, result in models.items():
+        assert "error" not in result, result
+        assert result["median_s"] > 0 and len(result["times_s"]) == 1 and result["flops"] > 0, case
+        assert "peak_bytes" in result and result["env"]
+    jax_unet, torch_unet = models["unet/jax/b2"], models["unet/torch-eager/b2"]
+    assert jax_unet["compile_s"] > 0 and jax_unet["dtype"] == "float32"
+    # jinbetween's single-token cross-attention shortcut does less work than diffusers' attention over one token.
+    assert jax_unet["flops"] < torch_unet["flops"]
+    assert models["vae/jax"]["lean_decode"] is True
+
+
+def test_run_cases_time_whole_pipeline_calls(reports):
+    _, (_, runs), *_ = reports
+    gi, i2v, torch_i2v = runs["run/jax/gi"], runs["run/jax/i2v"], runs["run/torch-eager/i2v"]
+    for result in (gi, i2v, torch_i2v):
+        assert "error" not in result, result
+    # 2 steps, the first re-noised and repeated 5 times: 7 moves of 2 guided UNet calls (forward, backward).
+    assert (gi["steps"], gi["moves"], gi["unet_calls"]) == (2, 7, 14)
+    assert set(gi["flops_by_phase"]) == {"sample", "decode", "encode"}
+    # GI's backward calls take injected maps (no Q·K): a little under 7× the work of i2v's 2 guided calls.
+    assert 6 < gi["flops_by_phase"]["sample"] / i2v["flops_by_phase"]["sample"] < 7
+    assert i2v["unet_calls"] == torch_i2v["unet_calls"] == 2
+
+
+def test_profile_cases_sum_kernel_time_by_category(reports):
+    *_, (_, profile), tmp_path = reports
+    for case, result in profile.items():
+        assert "error" not in result, result
+        assert result["kernel_s_total"] > 0 and result["top"] and result["by_category_s"]
+        assert abs(sum(result["by_category_s"].values()) - result["kernel_s_total"]) < 1e-9
+    assert (tmp_path / "traces" / "jax_unet-b2.trace.json.gz").exists()
+
+
+def test_table_reads_the_reports(reports):
+    (models_path, _), (runs_path, _), *_ = reports
+    text = perf.table([str(models_path), str(runs_path)])
+    assert "| UNet forward, B=2 (one CFG call) |" in text
+    assert "| VAE decode, all frames |" in text
+    assert "| gi | 14 |" in text and "(calls × UNet + decode)" in text
+    assert "(measured)" in text  # i2v against diffusers' own pipeline
+
+
+def test_categories_of_typical_kernel_names():
+    assert perf.categorize("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
+    assert perf.categorize("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "convolution"
+    assert perf.categorize("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NNT") == "gemm"
+    assert perf.categorize("loop_convert_fusion_3") == "elementwise fusion"
+    assert perf.categorize("input_reduce_fusion_12") == "reduction fusion"
+    assert perf.categorize("transpose_fusion") == "transpose / copy"
+
+
+@pytest.mark.parametrize("case", ["unet/jax", "disk/jax/b2", "unet/jax/b2:lean"])
+def test_bad_cases_are_refused(case):
+    with pytest.raises((SystemExit, ValueError)):
+        perf.parse_case(case)
