@@ -48,7 +48,21 @@ SETS = {
     "samplers": ["run/jax/i2v", "run/torch-eager/i2v", "run/jax/mpd-seq", "run/jax/vibid", "run/jax/trf",
                  "run/jax/mpd", "run/jax/gi", "run/jax/gi:decode_chunk=8"],
     "profile": ["profile/jax/unet-b2", "profile/torch-eager/unet-b2"],
+    "variants": ["unet/jax/b2", "unet/jax/b2:attention=xla_chunked", "unet/jax/b2:shortcut=0",
+                 "unet/jax/b2:xla=no-triton-gemm", "unet/jax/b2:xla=cudnn-gemm-fusion",
+                 "unet/jax/b2:xla=cudnn-layer-norm"],
 }
+# `:xla=NAME` runs a case under these XLA flags (added to XLA_FLAGS); each names one thing to try on the profile.
+XLA_PRESETS = {
+    "no-triton-gemm": "--xla_gpu_enable_triton_gemm=false",  # every matmul to cuBLAS
+    "cudnn-gemm-fusion": "--xla_gpu_cudnn_gemm_fusion_level=2",  # cuDNN matmuls with fused elementwise operands
+    "cudnn-layer-norm": "--xla_gpu_enable_cudnn_layer_norm=true",  # LayerNorm as one cuDNN kernel
+    "no-command-buffer": "--xla_gpu_enable_command_buffer=",  # no CUDA graphs
+}
+# Options a case accepts, by kind (jinbetween's UNet switches apply wherever its UNet runs).
+_UNET_OPTIONS = {"attention", "shortcut", "xla"}
+CASE_OPTIONS = {"unet": _UNET_OPTIONS, "vae": {"lean", "chunk", "xla"}, "profile": _UNET_OPTIONS,
+                "run": _UNET_OPTIONS | {"decode_chunk", "progress"}}
 METHOD_NAMES = ("i2v", "gi", "trf", "mpd", "mpd-seq", "vibid")
 
 
@@ -69,7 +83,26 @@ def parse_case(text: str) -> tuple[str, str, str, dict[str, str]]:
         raise SystemExit(f"bad options in case {text!r}: write them as :option=value,option=value")
     kind, impl, target = parts
     options = dict(pairs)
+    unknown = sorted(set(options) - CASE_OPTIONS[kind])
+    if unknown:
+        raise SystemExit(f"case {text!r} has unknown option(s) {unknown}; {kind} cases take "
+                         f"{sorted(CASE_OPTIONS[kind])}")
+    if "xla" in options and options["xla"] not in XLA_PRESETS:
+        raise SystemExit(f"case {text!r}: unknown XLA preset {options['xla']!r}; choose one of {sorted(XLA_PRESETS)}")
     return kind, impl, target, options
+
+
+def apply_options(sizes: "Sizes", options: dict[str, str]) -> None:
+    """Sets the UNet switches a case names (`attention=`, `shortcut=`) and its XLA flags (`xla=`, before the
+    backend starts)."""
+    if "xla" in options:
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_PRESETS[options['xla']]}".strip()
+    overrides = {}
+    if "attention" in options:
+        overrides["attention_impl"] = options["attention"]
+    if "shortcut" in options:
+        overrides["cross_attention_shortcut"] = options["shortcut"] != "0"
+    sizes.unet = sizes.unet.replace(**overrides)
 
 
 class Sizes:
@@ -121,17 +154,25 @@ def jax_dtype(sizes: Sizes):
 
 
 def random_module(abstract, seed: int, dtype):
-    """The abstract NNX module filled with N(0, 0.02²) parameters in `dtype` (drawn by numpy: one jitted draw per
-    parameter shape would compile for longer than the benchmark runs)."""
+    """The abstract NNX module filled with N(0, 0.02²) parameters in `dtype`. Each parameter is a window at a random
+    offset into one pool of normal draws (speed does not depend on the values; drawing 1.5 G numbers would take
+    longer than the benchmark)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
     graphdef, state = nnx.split(abstract)
+    largest = max(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(state))
     rng = np.random.default_rng(seed)
-    filled = jax.tree.map(lambda leaf: jnp.asarray(rng.standard_normal(leaf.shape, np.float32) * 0.02, dtype), state)
-    return nnx.merge(graphdef, filled)
+    pool = rng.standard_normal(largest + (1 << 20), np.float32) * np.float32(0.02)
+
+    def fill(leaf):
+        size = int(np.prod(leaf.shape))
+        start = int(rng.integers(0, len(pool) - size + 1))
+        return jnp.asarray(pool[start:start + size].reshape(leaf.shape), dtype)
+
+    return nnx.merge(graphdef, jax.tree.map(fill, state))
 
 
 def abstract_state(module_abstract, dtype):
@@ -611,6 +652,7 @@ def torch_environment() -> dict:
 def run_case(case: str, args) -> dict:
     kind, impl, target, options = parse_case(case)
     sizes = Sizes(args)
+    apply_options(sizes, options)
     if impl == "jax":
         import jax.numpy as jnp
 

@@ -88,7 +88,8 @@ def test_categories_of_typical_kernel_names():
     assert perf.categorize("transpose_fusion") == "transpose / copy"
 
 
-@pytest.mark.parametrize("case", ["unet/jax", "disk/jax/b2", "unet/jax/b2:lean"])
+@pytest.mark.parametrize("case", ["unet/jax", "disk/jax/b2", "unet/jax/b2:lean", "unet/jax/b2:lean=0",
+                                  "unet/jax/b2:xla=fastest"])
 def test_bad_cases_are_refused(case):
     with pytest.raises((SystemExit, ValueError)):
         perf.parse_case(case)
