@@ -29,7 +29,8 @@ def run_set(tmp_path, command, cases, *extra):
 def reports(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("perf")
     models = run_set(tmp_path, "models", ["unet/jax/b2", "unet/torch-eager/b2", "vae/jax", "vae/torch-eager"])
-    runs = run_set(tmp_path, "samplers", ["run/jax/gi", "run/jax/i2v", "run/torch-eager/i2v"], "--steps", "2")
+    runs = run_set(tmp_path, "samplers", ["run/jax/gi:decode_chunks=2+all", "run/jax/i2v", "run/torch-eager/i2v"],
+                   "--steps", "2")
     profile = run_set(tmp_path, "profile", ["profile/jax/unet-b2", "profile/torch-eager/unet-b2"],
                       "--trace-dir", str(tmp_path / "traces"))
     return models, runs, profile, tmp_path
@@ -50,7 +51,7 @@ def test_model_cases_report_times_memory_fields_and_counted_flops(reports):
 
 def test_run_cases_time_whole_pipeline_calls(reports):
     _, (_, runs), *_ = reports
-    gi, i2v, torch_i2v = runs["run/jax/gi"], runs["run/jax/i2v"], runs["run/torch-eager/i2v"]
+    gi, i2v, torch_i2v = runs["run/jax/gi:decode_chunks=2+all"], runs["run/jax/i2v"], runs["run/torch-eager/i2v"]
     for result in (gi, i2v, torch_i2v):
         assert "error" not in result, result
     # 2 steps, the first re-noised and repeated 5 times: 7 moves of 2 guided UNet calls (forward, backward).
@@ -59,6 +60,12 @@ def test_run_cases_time_whole_pipeline_calls(reports):
     # GI's backward calls take injected maps (no Q·K): a little under 7× the work of i2v's 2 guided calls.
     assert 6 < gi["flops_by_phase"]["sample"] / i2v["flops_by_phase"]["sample"] < 7
     assert i2v["unet_calls"] == torch_i2v["unet_calls"] == 2
+    for result in (gi, i2v):  # phase by phase, the sampler compiled ahead of time
+        phases = result["phases"]
+        assert phases["sample"]["compile_s"] > 0
+        assert result["median_s"] == sum(phases[p]["median_s"] for p in ("encode", "sample", "decode"))
+    assert set(gi["decode_by_chunk"]) == {"2", "3"}  # F = 3: "all" is a chunk of 3
+    assert list(gi["peaks"]) == ["after_encode", "after_sample", "after_decode_chunk_2", "after_decode_chunk_3"]
 
 
 def test_profile_cases_sum_kernel_time_by_category(reports):
@@ -74,9 +81,11 @@ def test_table_reads_the_reports(reports):
     (models_path, _), (runs_path, _), *_ = reports
     text = perf.table([str(models_path), str(runs_path)])
     assert "| UNet forward, B=2 (one CFG call) |" in text
-    assert "| VAE decode, all frames |" in text
-    assert "| gi | 14 |" in text and "(calls × UNet + decode)" in text
+    assert "| VAE decode, all frames (lean) |" in text
+    assert "| gi:decode_chunks=2+all | 14 |" in text and "(calls × B=2 UNet + decode)" in text
     assert "(measured)" in text  # i2v against diffusers' own pipeline
+    assert "| UNet forward B=2 ≤ 0.45× eager |" in text and "| GI end to end ≤ 100 s |" in text
+    assert "| UNet forward B=2 ≤ 0.65× torch.compile | not measured | – |" in text  # no torch.compile case ran
 
 
 def test_categories_of_typical_kernel_names():
