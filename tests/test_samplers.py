@@ -234,3 +234,17 @@ def test_repeated_calls_do_not_retrace(unet):
     sampler = jax.jit(traced, static_argnames=("cfg",))
     for seed in range(3):
         jax.block_until_ready(sampler(unet, conditioning(seed), conditioning(seed + 1), keys(seed), cfg))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_sampling_programs_make_no_host_round_trips_unless_progress_is_asked(unet, method):
+    """The whole sampler is one device program: without `progress`, its HLO holds no host callback (nor any
+    other transfer to or from the host); with it, one callback per move reports the step."""
+    spec = METHODS[method]
+    host_ops = ("callback", "infeed", "outfeed", "send", "recv")
+    for progress in (False, True):
+        cfg = spec.config(num_frames=3, num_steps=2, progress=progress)
+        args = (unet, conditioning(1), conditioning(2), keys(0), cfg) + ((None,) if spec.uses_delta else ())
+        hlo = spec.sample.lower(*args).as_text()
+        found = [op for op in host_ops if op in hlo]
+        assert (found != []) == progress, f"{method}, progress={progress}: host operations {found}"
