@@ -4,6 +4,7 @@
     PYTHONPATH=. python bench/perf.py samplers --out bench/results/perf_samplers_h200.json
     PYTHONPATH=. python bench/perf.py profile  --out bench/results/perf_profile_h200.json --trace-dir $OUT
     python bench/perf.py table bench/results/perf_models_h200.json bench/results/perf_samplers_h200.json
+    PYTHONPATH=. python bench/perf.py flops --out bench/results/flops_svd_xt.json    # no GPU needed
 
 A *set* is a list of cases, `--cases` picks some (comma-separated); each case runs in a process of its own,
 so that peak-memory readings do not mix, and the JSON is rewritten after every case, so a run cut short
@@ -302,14 +303,16 @@ def counted_run_flops(sizes: Sizes, method: str, cfg, chunk: int) -> dict[str, f
                         added_time_ids=sds((1, 3), jnp.float32))
     keys = jax.random.split(jax.random.key(0), 1)
     if method == "i2v":
-        sample = count_flops(lambda u, c, k: sample_i2v(u, c, k, cfg), unet, cond, keys).total
+        sample = count_flops(lambda u, c, k: sample_i2v(u, c, k, cfg), unet, cond, keys)
         keyframes = 1
     else:
         spec = METHODS[method]
         extra = ({k: sds(s, jnp.float32) for k, s in delta_shapes(sizes.unet).items()},) if spec.uses_delta else ()
-        sample = count_flops(lambda u, s, e, k, *x: spec.sample(u, s, e, k, cfg, *x), unet, cond, cond, keys,
-                             *extra).total
+        sample = count_flops(lambda u, s, e, k, *x: spec.sample(u, s, e, k, cfg, *x), unet, cond, cond, keys, *extra)
         keyframes = 2
+    # A move under `lax.cond` (MPD's distillation makes one UNet call where other moves make two) counts as its
+    # dearest branch; there, count the calls the program makes instead.
+    sample_flops = sample.total if sample.exact else unet_calls_of(method, cfg) * counted_unet_flops(sizes, 2)
     vae_graph, vae_state = abstract_state(abstract_vae(sizes.vae.replace(attention_impl="xla")), dtype)
     enc_graph, enc_state = abstract_state(abstract_image_encoder(sizes.encoder), dtype)
     size = sizes.encoder.image_size
@@ -319,7 +322,15 @@ def counted_run_flops(sizes: Sizes, method: str, cfg, chunk: int) -> dict[str, f
         vae_state, enc_state, sds((keyframes, sizes.height, sizes.width, 3), jnp.float32),
         sds((keyframes, size, size, 3), jnp.float32), sds((keyframes, sizes.height, sizes.width, 3), jnp.float32),
         sds((3,), jnp.float32)).total
-    return {"sample": sample, "decode": counted_decode_flops(sizes, chunk, sizes.vae.lean_decode), "encode": encode}
+    return {"sample": sample_flops, "decode": counted_decode_flops(sizes, chunk, sizes.vae.lean_decode),
+            "encode": encode}
+
+
+def unet_calls_of(method: str, cfg) -> int:
+    """UNet calls (each on a `[uncond; cond]` batch) of a run of `method` with `cfg`."""
+    from jinbetween.samplers import unet_calls
+
+    return len(cfg.program()) if method == "i2v" else unet_calls(method, cfg)
 
 
 def peak_bytes() -> int | None:
@@ -337,7 +348,7 @@ def jax_run(sizes: Sizes, method: str, options: dict, repeats: int, steps: int |
     import numpy as np
 
     from jinbetween.pipeline import _method_config, _sample_keys
-    from jinbetween.samplers import I2VConfig, METHODS, sample_i2v, unet_calls
+    from jinbetween.samplers import I2VConfig, METHODS, sample_i2v
 
     pipe = random_pipeline(sizes)
     rng = np.random.default_rng(0)
@@ -346,7 +357,6 @@ def jax_run(sizes: Sizes, method: str, options: dict, repeats: int, steps: int |
     aug_keys, sample_keys = _sample_keys(jax.random.key(1), 0, 1)
     if method == "i2v":
         cfg = I2VConfig(num_frames=sizes.frames, num_steps=steps or 25, progress=progress)
-        calls = len(cfg.program())
 
         def encode():
             return (pipe.encode(keyframes[0], keys=aug_keys),)
@@ -355,7 +365,6 @@ def jax_run(sizes: Sizes, method: str, options: dict, repeats: int, steps: int |
     else:
         spec = METHODS[method]
         cfg = _method_config(spec, num_frames=sizes.frames, num_steps=steps, progress=progress)
-        calls = unet_calls(method, cfg)
 
         def encode():
             return pipe._pair_conditioning(keyframes[0], keyframes[1], aug_keys, spec, fps=spec.fps,
@@ -387,6 +396,7 @@ def jax_run(sizes: Sizes, method: str, options: dict, repeats: int, steps: int |
     first = (phases["encode"]["first_call_s"] + compile_s + phases["sample"]["first_call_s"]
              + phases["decode"]["first_call_s"])
     flops = counted_run_flops(sizes, method, cfg, chunks[-1] or sizes.frames)
+    calls = unet_calls_of(method, cfg)
     result = {"method": method, "steps": cfg.num_steps, "unet_calls": calls, "moves": len(cfg.program()),
               "progress": progress, "median_s": warm, "first_call_s": first,
               "s_per_unet_call": phases["sample"]["median_s"] / calls, "phases": phases,
@@ -869,9 +879,38 @@ def table(paths: list[str]) -> str:
     return "\n".join(lines)
 
 
+def count_all(args) -> dict:
+    """FLOPs of every benchmarked program, counted from jaxprs (no device needed), with each one's time at
+    `--peak-tflops` (the floor no implementation of the same arithmetic can beat on that GPU)."""
+    from jinbetween.pipeline import _method_config
+    from jinbetween.samplers import I2VConfig, METHODS
+
+    sizes = Sizes(args)
+    peak = args.peak_tflops * 1e12
+    counts = {}
+    for shortcut in (True, False):
+        sizes.unet = sizes.unet.replace(cross_attention_shortcut=shortcut)
+        for batch in (1, 2):
+            counts[f"unet/b{batch}" + ("" if shortcut else ":shortcut=0")] = {"flops": counted_unet_flops(sizes, batch)}
+    sizes.unet = sizes.unet.replace(cross_attention_shortcut=True)
+    for lean in (True, False):
+        counts["vae" + ("" if lean else ":lean=0")] = {"flops": counted_decode_flops(sizes, sizes.frames, lean)}
+    for method in METHOD_NAMES:
+        cfg = (I2VConfig(num_frames=sizes.frames, num_steps=args.steps or 25) if method == "i2v" else
+               _method_config(METHODS[method], num_frames=sizes.frames, num_steps=args.steps))
+        phases = counted_run_flops(sizes, method, cfg, sizes.frames)
+        counts[f"run/{method}"] = {"flops": sum(phases.values()), "flops_by_phase": phases,
+                                   "unet_calls": unet_calls_of(method, cfg)}
+    for entry in counts.values():
+        entry["floor_s"] = entry["flops"] / peak
+    return {"what": "FLOPs counted from jaxprs (matrix products and convolutions, as FlopCounterMode counts)",
+            "frames": sizes.frames, "image": [sizes.height, sizes.width], "tiny": sizes.tiny,
+            "peak_tflops_for_floor": args.peak_tflops, "counts": counts}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=[*SETS, "case", "table"])
+    parser.add_argument("command", choices=[*SETS, "case", "table", "flops"])
     parser.add_argument("names", nargs="*", help="case: the case; table: the JSON files")
     parser.add_argument("--cases", help="comma-separated cases instead of the whole set")
     parser.add_argument("--out", help="JSON report (sets)")
@@ -886,6 +925,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, help="start no case after this many seconds")
     parser.add_argument("--case-timeout", type=float, default=1800)
     parser.add_argument("--trace-dir", help="profile cases copy their traces here")
+    parser.add_argument("--peak-tflops", type=float, default=790.0,
+                        help="flops: the GPU's bf16 matrix rate for the floor times (790: an H200, measured here)")
     args = parser.parse_args()
     args.frames = args.frames or (3 if args.tiny else 25)
     args.height = args.height or (16 if args.tiny else 576)
@@ -894,6 +935,12 @@ def main() -> None:
         print(table(args.names))
     elif args.command == "case":
         print(json.dumps(run_case(args.names[0], args)))
+    elif args.command == "flops":
+        report = count_all(args)
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        for name, entry in report["counts"].items():
+            print(f"{name:24s} {entry['flops'] / 1e12:10.2f} TFLOP   floor {entry['floor_s']:8.3f} s")
     else:
         if not args.out:
             parser.error("--out is required for a set")

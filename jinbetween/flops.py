@@ -4,8 +4,10 @@ The count is the work the program asks for, independent of the backend and of th
 the same rule as PyTorch's `torch.utils.flop_counter.FlopCounterMode` (GEMMs, batched GEMMs, convolutions;
 normalizations and elementwise ops are not counted), so achieved TFLOP/s of two implementations compare.
 Loops count their trip count (`scan` length, `lax.map`); a `while` loop, whose trip count is data, counts
-one iteration and is reported in `FlopCount.while_loops`. Attention computed by a fused kernel (cuDNN) is
-one opaque primitive: count a model with the XLA attention kernel, which does the same products.
+one iteration and is reported in `FlopCount.while_loops`; a `cond` counts its most expensive branch and is
+reported in `FlopCount.conds` (either makes the total a bound, not an exact count). Attention computed by a
+fused kernel (cuDNN) is one opaque primitive: count a model with the XLA attention kernel, which does the same
+products.
 """
 
 from __future__ import annotations
@@ -21,10 +23,17 @@ from jax.extend import core as jex_core
 
 @dataclasses.dataclass(frozen=True)
 class FlopCount:
-    """FLOPs by primitive (`dot_general`, `conv_general_dilated`), and how many data-dependent loops were met."""
+    """FLOPs by primitive (`dot_general`, `conv_general_dilated`), and how many data-dependent loops and branches
+    were met (counted as one iteration and as their most expensive branch)."""
 
     by_primitive: dict[str, float]
     while_loops: int = 0
+    conds: int = 0
+
+    @property
+    def exact(self) -> bool:
+        """True when no data-dependent loop or branch was met: the count is the program's work, not a bound."""
+        return not (self.while_loops or self.conds)
 
     @property
     def total(self) -> float:
@@ -59,28 +68,27 @@ def _subjaxprs(value) -> list:
     return []
 
 
-def _count(jaxpr, totals: Counter, scale: float) -> int:
-    """Adds `scale` × the FLOPs of `jaxpr` to `totals`; returns the number of `while` loops met."""
-    whiles = 0
+def _count(jaxpr, totals: Counter, scale: float, met: Counter) -> None:
+    """Adds `scale` × the FLOPs of `jaxpr` to `totals`, and the `while` and `cond` primitives met to `met`."""
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
         if name in _RULES:
             totals[name] += scale * _RULES[name](eqn)
             continue
         if name == "cond":  # one branch runs: count the most expensive
+            met["cond"] += 1
             branch_totals = []
             for branch in eqn.params["branches"]:
                 sub = Counter()
-                whiles += _count(branch.jaxpr, sub, scale)
+                _count(branch.jaxpr, sub, scale, met)
                 branch_totals.append(sub)
             totals.update(max(branch_totals, key=lambda c: sum(c.values())))
             continue
         inner_scale = scale * eqn.params["length"] if name == "scan" else scale
-        whiles += name == "while"
+        met["while"] += name == "while"
         for value in eqn.params.values():
             for sub in _subjaxprs(value):
-                whiles += _count(sub, totals, inner_scale)
-    return whiles
+                _count(sub, totals, inner_scale, met)
 
 
 def count_flops(fn: Callable, *args, **kwargs) -> FlopCount:
@@ -89,6 +97,6 @@ def count_flops(fn: Callable, *args, **kwargs) -> FlopCount:
     For a jitted function with static arguments, pass them as keywords through `functools.partial`.
     """
     jaxpr = jax.make_jaxpr(fn)(*args, **kwargs)
-    totals: Counter = Counter()
-    whiles = _count(jaxpr.jaxpr, totals, 1.0)
-    return FlopCount(dict(totals), whiles)
+    totals, met = Counter(), Counter()
+    _count(jaxpr.jaxpr, totals, 1.0, met)
+    return FlopCount(dict(totals), while_loops=met["while"], conds=met["cond"])

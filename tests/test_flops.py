@@ -49,7 +49,9 @@ def test_loops_multiply_and_branches_take_the_larger():
     def branch(p, w):
         return jax.lax.cond(p, lambda: w @ w @ w, lambda: w @ w)
 
-    assert count_flops(branch, S((), jnp.bool_), w).total == 2 * one
+    branched = count_flops(branch, S((), jnp.bool_), w)
+    assert (branched.total, branched.conds, branched.exact) == (2 * one, 1, False)
+    assert count_flops(scanned, w).exact
     unknown = count_flops(lambda w, n: jax.lax.while_loop(lambda c: c[1] < n, lambda c: (c[0] @ w, c[1] + 1),
                                                           (w, 0))[0], w, S((), jnp.int32))
     assert (unknown.total, unknown.while_loops) == (one, 1)

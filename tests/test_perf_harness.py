@@ -102,3 +102,20 @@ def test_categories_of_typical_kernel_names():
 def test_bad_cases_are_refused(case):
     with pytest.raises((SystemExit, ValueError)):
         perf.parse_case(case)
+
+
+def test_flop_counts_of_every_program():
+    args = __import__("argparse").Namespace(tiny=True, frames=3, height=16, width=24, steps=2, peak_tflops=1.0)
+    counts = perf.count_all(args)["counts"]
+    unet_b2 = counts["unet/b2"]["flops"]
+    # Twice the batch is twice the work, less the frame-index embedding, computed once per frame for any batch.
+    assert 0 < 2 * counts["unet/b1"]["flops"] - unet_b2 < 1e-3 * unet_b2
+    assert unet_b2 < counts["unet/b2:shortcut=0"]["flops"]
+    assert counts["vae"]["flops"] > counts["vae:lean=0"]["flops"]  # the lean decode recomputes a conv
+    # MPD's moves branch under lax.cond (a distillation move makes one UNet call, the others two): its sampler is
+    # counted as calls × one guided forward, not as every move taking the dearer branch.
+    mpd = counts["run/mpd"]
+    assert mpd["flops_by_phase"]["sample"] == mpd["unet_calls"] * unet_b2
+    # i2v has no branch: counted from its scan, it is exactly its calls × one guided forward.
+    assert counts["run/i2v"]["flops_by_phase"]["sample"] == counts["run/i2v"]["unet_calls"] * unet_b2
+    assert all(entry["floor_s"] == entry["flops"] / 1e12 for entry in counts.values())
