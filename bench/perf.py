@@ -628,8 +628,10 @@ def summarize_kernels(kernels: dict[str, tuple[float, int]], source: str, top: i
 def summarize_jax_trace(path: Path) -> dict:
     """Kernel times from a JAX profiler trace (`*.trace.json.gz`, trace-event JSON).
 
-    On a GPU: the events of `/device:GPU:*` lines named "Stream ..." (one per kernel launch). Without a GPU: the
-    host events that carry an `hlo_op` (XLA's CPU thunks), so the same summary works on a CPU trace.
+    On a GPU: the events of the `/device:GPU:*` lines named "Stream ..." (one per kernel launch), or, if no line
+    is named so, of every device line but the profiler's summaries (modules, ops, steps). Without a GPU: the host
+    events that carry an `hlo_op` (XLA's CPU thunks), so the same summary works on a CPU trace. The seconds of
+    every device line are kept too (`device_lines_s`), to check which lines were taken.
     """
     import gzip
 
@@ -638,30 +640,28 @@ def summarize_jax_trace(path: Path) -> dict:
     threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
                if e.get("ph") == "M" and e.get("name") == "thread_name"}
     device_pids = {pid for pid, name in processes.items() if name.startswith("/device:")}
+    spans = [(threads.get((e["pid"], e.get("tid")), ""), e) for e in events
+             if e.get("ph") == "X" and "dur" in e and (e["pid"] in device_pids or not device_pids)]
     lines: dict[str, float] = {}
+    for line, e in spans:
+        lines[line] = lines.get(line, 0.0) + e["dur"] / 1e6
+    if device_pids:
+        taken = {line for line in lines if line.startswith("Stream")} or {
+            line for line in lines if not re.search(r"module|ops|step|framework|source", line.lower())}
+        spans = [(line, e) for line, e in spans if line in taken]
+        source = f"jax.profiler device lines {sorted(taken)}"
+    else:
+        spans = [(line, e) for line, e in spans if "hlo_op" in e.get("args", {})]
+        source = "jax.profiler CPU thunks (no GPU in this trace)"
     kernels: dict[str, tuple[float, int]] = {}
     hlo_ops: dict[str, tuple[float, int]] = {}
-    for e in events:
-        if e.get("ph") != "X" or "dur" not in e:
-            continue
-        line = threads.get((e["pid"], e.get("tid")), "")
-        if device_pids:
-            if e["pid"] not in device_pids:
-                continue
-            lines[line] = lines.get(line, 0.0) + e["dur"] / 1e6
-            if not line.startswith("Stream"):
-                continue
-        elif "hlo_op" not in e.get("args", {}):
-            continue
-        seconds, count = kernels.get(e["name"], (0.0, 0))
-        kernels[e["name"]] = (seconds + e["dur"] / 1e6, count + 1)
-        op = e.get("args", {}).get("hlo_op")
-        if op:
-            seconds, count = hlo_ops.get(op, (0.0, 0))
-            hlo_ops[op] = (seconds + e["dur"] / 1e6, count + 1)
-    summary = summarize_kernels(kernels, source="jax.profiler " + ("GPU stream events" if device_pids else
-                                                                   "CPU thunks (no GPU in this trace)"))
-    summary["device_lines_s"] = lines
+    for _, e in spans:
+        for table_, name in ((kernels, e["name"]), (hlo_ops, e.get("args", {}).get("hlo_op"))):
+            if name:
+                seconds, count = table_.get(name, (0.0, 0))
+                table_[name] = (seconds + e["dur"] / 1e6, count + 1)
+    summary = summarize_kernels(kernels, source=source)
+    summary["device_lines_s"] = lines if device_pids else {}
     summary["top_hlo_ops"] = [{"op": op, "s": s, "count": n}
                               for op, (s, n) in sorted(hlo_ops.items(), key=lambda kv: -kv[1][0])[:40]]
     return summary

@@ -119,3 +119,32 @@ def test_flop_counts_of_every_program():
     # i2v has no branch: counted from its scan, it is exactly its calls × one guided forward.
     assert counts["run/i2v"]["flops_by_phase"]["sample"] == counts["run/i2v"]["unet_calls"] * unet_b2
     assert all(entry["floor_s"] == entry["flops"] / 1e12 for entry in counts.values())
+
+
+def test_gpu_trace_summary_takes_the_stream_lines(tmp_path):
+    """A trace shaped like a GPU one: kernels on "Stream" lines, the same time again on the profiler's "XLA Ops"
+    summary line, and host events; only the kernels count."""
+    import gzip
+
+    def meta(pid, name, tid=None):
+        event = {"ph": "M", "pid": pid, "name": "thread_name" if tid else "process_name", "args": {"name": name}}
+        return {**event, "tid": tid} if tid else event
+
+    def span(pid, tid, name, dur, op=None):
+        return {"ph": "X", "pid": pid, "tid": tid, "ts": 0, "dur": dur, "name": name,
+                **({"args": {"hlo_op": op}} if op else {})}
+
+    events = [meta(1, "/host:CPU"), meta(2, "/device:GPU:0"), meta(2, "Stream #13(Compute)", 7),
+              meta(2, "XLA Ops", 8), meta(1, "python", 3),
+              span(2, 7, "sm90_xmma_fprop_implicit_gemm", 300.0, "convolution.1"),
+              span(2, 7, "loop_add_fusion", 100.0, "add_fusion"), span(2, 7, "loop_add_fusion", 50.0, "add_fusion"),
+              span(2, 8, "convolution.1", 300.0), span(1, 3, "PjitFunction", 5000.0, "whatever")]
+    path = tmp_path / "t.trace.json.gz"
+    path.write_bytes(gzip.compress(json.dumps({"traceEvents": events}).encode()))
+    summary = perf.summarize_jax_trace(path)
+    assert summary["kernel_s_total"] == pytest.approx(450e-6)
+    assert summary["by_category_s"] == pytest.approx({"convolution": 300e-6, "elementwise fusion": 150e-6})
+    assert summary["top"][1] == {"name": "loop_add_fusion", "s": pytest.approx(150e-6), "count": 2,
+                                 "category": "elementwise fusion"}
+    assert set(summary["device_lines_s"]) == {"Stream #13(Compute)", "XLA Ops"}
+    assert summary["top_hlo_ops"][0]["op"] == "convolution.1"
