@@ -12,14 +12,17 @@ keeps what it finished. Cases are `KIND/IMPL/TARGET[:option=value,...]`:
 
   unet/jax/b2, unet/torch-eager/b2, unet/torch-compile/b2   one UNet forward on B videos (B=2: one CFG call)
   vae/jax, vae/jax:lean=0, vae/torch-eager, vae/torch-compile  decode of all frames (`:chunk=8` for chunks)
-  run/jax/METHOD (i2v, gi, trf, mpd, mpd-seq, vibid)          a whole Pipeline call: encode, sample, decode
+  run/jax/METHOD (i2v, gi, trf, mpd, mpd-seq, vibid)          one video through the Pipeline's calls, phase by phase
   run/torch-eager/i2v                                        diffusers' StableVideoDiffusionPipeline
   profile/jax/unet-b2, profile/torch-eager/unet-b2           per-kernel time of one warm UNet forward
 
 Random weights (speed and memory do not depend on their values); SVD-XT, 25 frames at 576×1024 unless
 set otherwise; methods at their defaults (`--steps` overrides, for smoke runs). JAX: compiled ahead of time
-(compile seconds apart), then the median of `--repeats` calls after one warm-up call; run cases time
-whole Pipeline calls instead, the first one (compilation included) apart. Torch: the first call
+(compile seconds apart), then the median of `--repeats` calls after one warm-up call; run cases time the
+keyframe encoding and the decode (first call apart, then `--run-repeats` calls) and `--run-repeats` executions
+of the sampler, compiled ahead of time. Options: `:attention=xla` / `:shortcut=0` switch the UNet's kernels,
+`:xla=PRESET` adds XLA flags (XLA_PRESETS), `:decode_chunks=8+all` decodes a run with each chunk size in turn.
+Torch: the first call
 (torch.compile's compilation included) apart, then the median. Peak memory: `memory_stats()
 ["peak_bytes_in_use"]` / `torch.cuda.max_memory_allocated()`, weights included. FLOPs are counted, not
 estimated: jinbetween's from its jaxpr (`jinbetween.flops`), diffusers' with `FlopCounterMode`; both count
@@ -210,14 +213,14 @@ def counted_unet_flops(sizes: Sizes, batch: int) -> float:
 
 
 def counted_decode_flops(sizes: Sizes, chunk: int, lean: bool) -> float:
+    import jax
+
     from jinbetween.flops import count_flops
     from jinbetween.models import abstract_vae
     from jinbetween.models.vae import _decode_video
 
     graphdef, state = abstract_state(abstract_vae(sizes.vae.replace(attention_impl="xla", lean_decode=lean)),
                                      jax_dtype(sizes))
-    import jax
-
     latents = jax.ShapeDtypeStruct((sizes.frames, *sizes.latent, sizes.vae.latent_channels), "float32")
     return count_flops(lambda s, z: _decode_video(graphdef, s, z, chunk), state, latents).total
 
@@ -314,7 +317,7 @@ def counted_run_flops(sizes: Sizes, method: str, cfg, chunk: int) -> dict[str, f
     # dearest branch; there, count the calls the program makes instead.
     sample_flops = sample.total if sample.exact else unet_calls_of(method, cfg) * counted_unet_flops(sizes, 2)
     vae_graph, vae_state = abstract_state(abstract_vae(sizes.vae.replace(attention_impl="xla")), dtype)
-    enc_graph, enc_state = abstract_state(abstract_image_encoder(sizes.encoder), dtype)
+    enc_graph, enc_state = abstract_state(abstract_image_encoder(sizes.encoder.replace(attention_impl="xla")), dtype)
     size = sizes.encoder.image_size
     encode = count_flops(
         lambda vs, es, px, clip, noise, ids: conditioning.encode_keyframes(
