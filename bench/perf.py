@@ -36,6 +36,7 @@ On the GPU machine diffusers is not installed: carry its wheel (see bench/NOTES.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -179,12 +180,20 @@ def random_module(abstract, seed: int, dtype):
     return nnx.merge(graphdef, jax.tree.map(fill, state))
 
 
-def abstract_state(module_abstract, dtype):
-    """The abstract module's state as ShapeDtypeStructs of `dtype`, for counting FLOPs without weights."""
+@functools.lru_cache(maxsize=None)
+def counting_model(config, dtype):
+    """(graphdef, state of ShapeDtypeStructs) of the model of `config` (a UNet, VAE or image encoder config) with
+    its attention on the XLA kernel, whose products the counter sees (a fused kernel is one opaque call). Cached:
+    building an abstract model takes seconds, and a count needs no weights."""
     import jax
     from flax import nnx
 
-    graphdef, state = nnx.split(module_abstract)
+    from jinbetween.config import ImageEncoderConfig, UNetConfig
+    from jinbetween.models import abstract_image_encoder, abstract_unet, abstract_vae
+
+    build = (abstract_unet if isinstance(config, UNetConfig) else
+             abstract_image_encoder if isinstance(config, ImageEncoderConfig) else abstract_vae)
+    graphdef, state = nnx.split(build(config.replace(attention_impl="xla")))
     return graphdef, jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), state)
 
 
@@ -203,12 +212,10 @@ def unet_inputs(sizes: Sizes, batch: int):
 
 def counted_unet_flops(sizes: Sizes, batch: int) -> float:
     """FLOPs of one forward, counted on the XLA attention kernel (a fused kernel is one opaque call)."""
-    import functools
-
     from jinbetween.flops import count_flops
-    from jinbetween.models import abstract_unet, unet_apply
+    from jinbetween.models import unet_apply
 
-    graphdef, state = abstract_state(abstract_unet(sizes.unet.replace(attention_impl="xla")), jax_dtype(sizes))
+    graphdef, state = counting_model(sizes.unet, jax_dtype(sizes))
     return count_flops(functools.partial(unet_apply, graphdef), state, *unet_inputs(sizes, batch)).total
 
 
@@ -216,18 +223,14 @@ def counted_decode_flops(sizes: Sizes, chunk: int, lean: bool) -> float:
     import jax
 
     from jinbetween.flops import count_flops
-    from jinbetween.models import abstract_vae
     from jinbetween.models.vae import _decode_video
 
-    graphdef, state = abstract_state(abstract_vae(sizes.vae.replace(attention_impl="xla", lean_decode=lean)),
-                                     jax_dtype(sizes))
+    graphdef, state = counting_model(sizes.vae.replace(lean_decode=lean), jax_dtype(sizes))
     latents = jax.ShapeDtypeStruct((sizes.frames, *sizes.latent, sizes.vae.latent_channels), "float32")
     return count_flops(lambda s, z: _decode_video(graphdef, s, z, chunk), state, latents).total
 
 
 def jax_unet(sizes: Sizes, batch: int, repeats: int) -> dict:
-    import functools
-
     import jax
     from flax import nnx
 
@@ -291,13 +294,12 @@ def counted_run_flops(sizes: Sizes, method: str, cfg, chunk: int) -> dict[str, f
     from jinbetween import conditioning
     from jinbetween.conditioning import Conditioning
     from jinbetween.flops import count_flops
-    from jinbetween.models import abstract_image_encoder, abstract_unet, abstract_vae
     from jinbetween.models.state import ModelState
     from jinbetween.delta import delta_shapes
     from jinbetween.samplers import METHODS, sample_i2v
 
     dtype = jax_dtype(sizes)
-    unet = ModelState(*abstract_state(abstract_unet(sizes.unet.replace(attention_impl="xla")), dtype))
+    unet = ModelState(*counting_model(sizes.unet, dtype))
     h, w = sizes.latent
     sds = jax.ShapeDtypeStruct
     cond = Conditioning(image_embeds=sds((1, 1, sizes.unet.cross_attention_dim[0]), jnp.float32),
@@ -316,8 +318,8 @@ def counted_run_flops(sizes: Sizes, method: str, cfg, chunk: int) -> dict[str, f
     # A move under `lax.cond` (MPD's distillation makes one UNet call where other moves make two) counts as its
     # dearest branch; there, count the calls the program makes instead.
     sample_flops = sample.total if sample.exact else unet_calls_of(method, cfg) * counted_unet_flops(sizes, 2)
-    vae_graph, vae_state = abstract_state(abstract_vae(sizes.vae.replace(attention_impl="xla")), dtype)
-    enc_graph, enc_state = abstract_state(abstract_image_encoder(sizes.encoder.replace(attention_impl="xla")), dtype)
+    vae_graph, vae_state = counting_model(sizes.vae, dtype)
+    enc_graph, enc_state = counting_model(sizes.encoder, dtype)
     size = sizes.encoder.image_size
     encode = count_flops(
         lambda vs, es, px, clip, noise, ids: conditioning.encode_keyframes(
@@ -409,7 +411,6 @@ def jax_run(sizes: Sizes, method: str, options: dict, repeats: int, steps: int |
 
 def jax_profile(sizes: Sizes, target: str, trace_dir: str | None) -> dict:
     """Per-kernel time of one warm UNet forward (`unet-b1` / `unet-b2`) from JAX's profiler trace."""
-    import functools
     import shutil
     import tempfile
 
@@ -546,7 +547,6 @@ def torch_vae(sizes: Sizes, options: dict, compiled: bool, repeats: int) -> dict
 def torch_run_i2v(sizes: Sizes, repeats: int, steps: int | None) -> dict:
     """diffusers' StableVideoDiffusionPipeline, whole call (encode, 25 Euler steps with CFG, decode, to numpy)."""
     import numpy as np
-    import torch
     from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
     from PIL import Image
     from transformers import CLIPImageProcessor
@@ -752,10 +752,26 @@ def shared_flags(args) -> list[str]:
     return flags
 
 
+def run_child(case: str, args) -> dict:
+    """Runs one case in a process of its own; returns its result, or what went wrong."""
+    cmd = [sys.executable, __file__, "case", case, *shared_flags(args)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                              timeout=args.case_timeout)
+    except subprocess.TimeoutExpired:
+        return {"case": case, "error": f"timed out after {args.case_timeout} s"}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    return {"case": case, "error": (done.stderr or done.stdout)[-3000:], "returncode": done.returncode}
+
+
 def drive(args) -> dict:
     cases = args.cases.split(",") if args.cases else SETS[args.command]
     for case in cases:
-        parse_case(case)
+        if "xla" in parse_case(case)[3] and args.in_process:
+            raise SystemExit(f"case {case!r} sets XLA flags, which apply only in a process of its own: drop "
+                             "--in-process")
     report = {"what": f"bench/perf.py {args.command}", "tiny": args.tiny, "frames": args.frames,
               "image": [args.height, args.width], "steps_override": args.steps, "repeats": args.repeats,
               "run_repeats": args.run_repeats, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "results": []}
@@ -767,15 +783,7 @@ def drive(args) -> dict:
         if args.budget_s and elapsed > args.budget_s:
             result = {"case": case, "skipped": f"time budget of {args.budget_s} s spent ({elapsed:.0f} s)"}
         else:
-            cmd = [sys.executable, __file__, "case", case, *shared_flags(args)]
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            try:
-                done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.case_timeout)
-                lines = done.stdout.strip().splitlines()
-                result = (json.loads(lines[-1]) if done.returncode == 0 and lines else
-                          {"case": case, "error": (done.stderr or done.stdout)[-3000:], "returncode": done.returncode})
-            except subprocess.TimeoutExpired:
-                result = {"case": case, "error": f"timed out after {args.case_timeout} s"}
+            result = run_case(case, args) if args.in_process else run_child(case, args)
             result["wall_s"] = time.monotonic() - began - elapsed
         report["results"].append(result)
         print(json.dumps({k: v for k, v in result.items() if k not in ("top", "top_hlo_ops", "env")})[:700], flush=True)
@@ -927,6 +935,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny models on a CPU: checks the script")
     parser.add_argument("--budget-s", type=float, help="start no case after this many seconds")
     parser.add_argument("--case-timeout", type=float, default=1800)
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the cases one after another in this process (quick checks on a CPU: peak memory "
+                             "readings then mix, and XLA flag presets cannot apply)")
     parser.add_argument("--trace-dir", help="profile cases copy their traces here")
     parser.add_argument("--peak-tflops", type=float, default=790.0,
                         help="flops: the GPU's bf16 matrix rate for the floor times (790: an H200, measured here)")
