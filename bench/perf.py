@@ -589,7 +589,7 @@ def torch_profile(sizes: Sizes, target: str) -> dict:
     kernels = {}
     for event in prof.key_averages():
         us = event.device_time_total if gpu else event.self_cpu_time_total
-        if us > 0 and (gpu or not event.key.startswith("aten::") or event.self_cpu_time_total):
+        if us > 0:
             kernels[event.key] = (us / 1e6, event.count)
     return summarize_kernels(kernels, source="torch.profiler " + ("CUDA kernels" if gpu else "CPU ops (self time)"))
 
