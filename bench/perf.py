@@ -492,7 +492,7 @@ def torch_unet_call(sizes: Sizes, batch: int):
     from tests.torch_reference import diffusers_unet
 
     device, dtype = torch_device()
-    unet = diffusers_unet(sizes.unet).to(device, dtype)
+    unet = diffusers_unet(sizes.unet, device=device).to(dtype)
     h, w = sizes.latent
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(batch, sizes.frames, sizes.unet.in_channels, h, w, generator=gen).to(device, dtype)
@@ -525,7 +525,7 @@ def torch_vae(sizes: Sizes, options: dict, compiled: bool, repeats: int) -> dict
     from tests.torch_reference import diffusers_vae
 
     device, dtype = torch_device()
-    vae = diffusers_vae(sizes.vae).to(device, dtype)
+    vae = diffusers_vae(sizes.vae, device=device).to(dtype)
     chunk = min(int(options.get("chunk", sizes.frames)), sizes.frames)
     latents = torch.randn(sizes.frames, sizes.vae.latent_channels, *sizes.latent,
                           generator=torch.Generator().manual_seed(1)).to(device, dtype)
@@ -555,8 +555,8 @@ def torch_run_i2v(sizes: Sizes, repeats: int, steps: int | None) -> dict:
 
     device, dtype = torch_device()
     pipe = StableVideoDiffusionPipeline(
-        vae=diffusers_vae(sizes.vae), image_encoder=transformers_clip(sizes.encoder),
-        unet=diffusers_unet(sizes.unet), scheduler=EulerDiscreteScheduler.from_config(SVD_SCHEDULER),
+        vae=diffusers_vae(sizes.vae, device=device), image_encoder=transformers_clip(sizes.encoder, device=device),
+        unet=diffusers_unet(sizes.unet, device=device), scheduler=EulerDiscreteScheduler.from_config(SVD_SCHEDULER),
         feature_extractor=CLIPImageProcessor()).to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (sizes.height, sizes.width, 3), dtype=np.uint8))
