@@ -34,12 +34,13 @@ def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def diffusers_unet(config: UNetConfig, seed: int = 0, device: str = "cpu"):
-    """diffusers' UNet of `config` with random weights, built on `device`."""
+    """diffusers' UNet of `config` with random weights, built on `device` (then moved there: AlphaBlender makes its
+    mix factor with the legacy `torch.Tensor(...)`, which ignores the default device)."""
     from diffusers import UNetSpatioTemporalConditionModel
 
     kwargs = {k: v for k, v in config.to_diffusers().items() if not k.startswith("_")}
     with torch.device(device):
-        return randomize_(UNetSpatioTemporalConditionModel(**kwargs), seed)
+        return randomize_(UNetSpatioTemporalConditionModel(**kwargs).to(device), seed)
 
 
 def diffusers_vae(cfg: VAEConfig, seed: int = 0, device: str = "cpu"):
@@ -47,14 +48,14 @@ def diffusers_vae(cfg: VAEConfig, seed: int = 0, device: str = "cpu"):
 
     with torch.device(device):
         return randomize_(AutoencoderKLTemporalDecoder(**{k: v for k, v in cfg.to_diffusers().items()
-                                                          if not k.startswith("_")}), seed)
+                                                          if not k.startswith("_")}).to(device), seed)
 
 
 def transformers_clip(cfg: ImageEncoderConfig, seed: int = 0, device: str = "cpu"):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     with torch.device(device):
-        return randomize_(CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg.to_transformers())), seed)
+        return randomize_(CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg.to_transformers())).to(device), seed)
 
 
 # scheduler/scheduler_config.json of the SVD repos (svd_port.md §1.6).

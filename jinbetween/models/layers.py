@@ -123,9 +123,30 @@ def conv2d(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, padding: in
                     padding=((pad, pad), (pad, pad)), rngs=rngs)
 
 
-def temporal_conv(in_ch: int, out_ch: int, *, rngs: nnx.Rngs) -> nnx.Conv:
+class TemporalConv(nnx.Module):
+    """torch Conv3d with kernel (3,1,1), padding (1,0,0): a conv along the frames of `[B, F, H, W, C]`.
+
+    The kernel keeps Conv3d's shape `(3, 1, 1, in, out)` (checkpoints are unchanged), but the product runs as a 2-D
+    `(3, 1)` convolution of `[B, F, H·W, C]`: cuDNN takes that in its native NHWC layout, where a 3-D convolution
+    costs three layout transposes of the whole activation around every call on the GPU (bench/NOTES.md).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, *, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (3, 1, 1, in_ch, out_ch)))
+        self.bias = nnx.Param(jnp.zeros((out_ch,)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Returns `[B, F, H, W, out]` for `x [B, F, H, W, in]`."""
+        b, f, h, w, _ = x.shape
+        kernel = self.kernel[...].astype(x.dtype)[:, 0]  # (3, 1, in, out): frames as the conv's height
+        out = jax.lax.conv_general_dilated(x.reshape(b, f, h * w, -1), kernel, window_strides=(1, 1),
+                                           padding=((1, 1), (0, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return (out + self.bias[...].astype(x.dtype)).reshape(b, f, h, w, -1)
+
+
+def temporal_conv(in_ch: int, out_ch: int, *, rngs: nnx.Rngs) -> TemporalConv:
     """torch Conv3d with kernel (3,1,1), padding (1,0,0): a conv along frames of `[B, F, H, W, C]`."""
-    return nnx.Conv(in_ch, out_ch, kernel_size=(3, 1, 1), padding=((1, 1), (0, 0), (0, 0)), rngs=rngs)
+    return TemporalConv(in_ch, out_ch, rngs=rngs)
 
 
 class Downsample2D(nnx.Module):
