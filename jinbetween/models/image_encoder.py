@@ -14,10 +14,10 @@ from flax import nnx
 from jinbetween.config import ImageEncoderConfig
 from jinbetween.errors import InputShapeError
 from jinbetween.models.attention import ATTENTION_KERNELS, resolve_attention_impl
-from jinbetween.models.layers import LayerNorm
+from jinbetween.models.layers import LayerNorm, gelu_erf
 
 _ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu_erf,
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
 }
 
