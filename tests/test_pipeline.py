@@ -6,6 +6,7 @@ random draws (augmentation noise, initial latents) are injected into both implem
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -136,3 +137,15 @@ def test_cli_i2v_writes_a_video(reference_pipeline, tmp_path, capsys):
     (tmp_path / "bad.png").write_text("no")
     assert cli_main(["i2v", str(tmp_path / "bad.png"), "--weights", str(reference_pipeline[1])]) == 2
     assert "Cannot read" in capsys.readouterr().err
+
+
+def test_frames_are_converted_on_the_device_as_numpy_would():
+    from jinbetween.pipeline import _device_output
+
+    # Every uint8 level's half-way point (round half to even decides those), and values outside [-1, 1].
+    halves = ((np.arange(256, dtype=np.float32) + 0.5) / 255 - 0.5) * 2
+    raw = np.concatenate([np.linspace(-1.3, 1.3, 20001, dtype=np.float32), halves])
+    unit = np.clip(raw / 2 + 0.5, 0, 1)
+    np.testing.assert_array_equal(np.asarray(_device_output(jnp.asarray(raw), "float")), unit)
+    np.testing.assert_array_equal(np.asarray(_device_output(jnp.asarray(raw), "uint8")),
+                                  np.round(unit * 255).astype(np.uint8))
