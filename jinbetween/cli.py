@@ -523,6 +523,9 @@ def run_finetune(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jinbetween", description="Generative inbetweening with SVD in JAX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--compile-cache", metavar="DIR|off",
+                        help="folder of compiled programs kept between runs, or off (default: "
+                             "$JINBETWEEN_COMPILE_CACHE, else JAX_COMPILATION_CACHE_DIR, else ~/.cache/jinbetween/xla)")
     commands = parser.add_subparsers(dest="command", required=True)
     convert = commands.add_parser("convert", help="convert diffusers SVD weights into a jinbetween weights dir",
                                   description="Convert a diffusers SVD / SVD-XT snapshot (hub repo or local folder) "
@@ -574,6 +577,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
+        if args.command != "convert":  # conversion compiles nothing worth keeping
+            from jinbetween import compile_cache
+
+            folder = compile_cache.enable(args.compile_cache)
+            logging.getLogger(__name__).debug("compilation cache: %s", folder or "off")
         args.run(args)
     except JinbetweenError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -3,6 +3,7 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JINBETWEEN_COMPILE_CACHE", "off")  # the CLI's cache: tests leave nothing in the user's home
 
 import jax  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
