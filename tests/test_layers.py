@@ -148,3 +148,22 @@ def test_cudnn_request_off_gpu_is_a_clear_error():
     attn = Attention(32, heads=4, head_dim=8, impl="cudnn", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="attention_impl='cudnn' needs a GPU"):
         attn(jnp.ones((1, 4, 32)))
+
+
+def test_temporal_conv_is_the_3d_conv_it_replaces():
+    """Same parameters from the same keys (models initialize as before) and the same output as nnx.Conv (3,1,1)."""
+    from jinbetween.models.layers import TemporalConv
+
+    def conv3d(rngs):
+        return nnx.Conv(8, 16, kernel_size=(3, 1, 1), padding=((1, 1), (0, 0), (0, 0)), rngs=rngs)
+
+    ours, reference = TemporalConv(8, 16, rngs=nnx.Rngs(3)), conv3d(nnx.Rngs(3))
+    np.testing.assert_array_equal(ours.kernel[...], reference.kernel[...])
+    keys_after_ours, keys_after_reference = nnx.Rngs(5), nnx.Rngs(5)
+    TemporalConv(8, 16, rngs=keys_after_ours), conv3d(keys_after_reference)
+    np.testing.assert_array_equal(jax.random.key_data(keys_after_ours.params()),
+                                  jax.random.key_data(keys_after_reference.params()))
+    bias = jax.random.normal(jax.random.key(1), (16,))
+    ours.bias[...], reference.bias[...] = bias, bias
+    x = jax.random.normal(jax.random.key(0), (2, 5, 4, 3, 8))
+    np.testing.assert_allclose(ours(x), reference(x), rtol=1e-6, atol=1e-6)

@@ -144,8 +144,9 @@ class TemporalConv(nnx.Module):
     """
 
     def __init__(self, in_ch: int, out_ch: int, *, rngs: nnx.Rngs):
+        # Initialized as nnx.Conv does, drawing one key for each parameter, so models initialize as before.
         self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (3, 1, 1, in_ch, out_ch)))
-        self.bias = nnx.Param(jnp.zeros((out_ch,)))
+        self.bias = nnx.Param(nnx.initializers.zeros_init()(rngs.params(), (out_ch,)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Returns `[B, F, H, W, out]` for `x [B, F, H, W, in]`."""
