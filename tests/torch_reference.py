@@ -33,29 +33,32 @@ def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module.eval()
 
 
+def _built_on(device: str, build, seed: int) -> torch.nn.Module:
+    """`build()` made on `device` (then moved there: diffusers' AlphaBlender makes its mix factor with the legacy
+    `torch.Tensor(...)`, which ignores the default device), with random weights."""
+    with torch.device(device):
+        return randomize_(build().to(device), seed)
+
+
 def diffusers_unet(config: UNetConfig, seed: int = 0, device: str = "cpu"):
-    """diffusers' UNet of `config` with random weights, built on `device` (then moved there: AlphaBlender makes its
-    mix factor with the legacy `torch.Tensor(...)`, which ignores the default device)."""
+    """diffusers' UNet of `config` with random weights, on `device`."""
     from diffusers import UNetSpatioTemporalConditionModel
 
     kwargs = {k: v for k, v in config.to_diffusers().items() if not k.startswith("_")}
-    with torch.device(device):
-        return randomize_(UNetSpatioTemporalConditionModel(**kwargs).to(device), seed)
+    return _built_on(device, lambda: UNetSpatioTemporalConditionModel(**kwargs), seed)
 
 
 def diffusers_vae(cfg: VAEConfig, seed: int = 0, device: str = "cpu"):
     from diffusers import AutoencoderKLTemporalDecoder
 
-    with torch.device(device):
-        return randomize_(AutoencoderKLTemporalDecoder(**{k: v for k, v in cfg.to_diffusers().items()
-                                                          if not k.startswith("_")}).to(device), seed)
+    kwargs = {k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")}
+    return _built_on(device, lambda: AutoencoderKLTemporalDecoder(**kwargs), seed)
 
 
 def transformers_clip(cfg: ImageEncoderConfig, seed: int = 0, device: str = "cpu"):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    with torch.device(device):
-        return randomize_(CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg.to_transformers())).to(device), seed)
+    return _built_on(device, lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg.to_transformers())), seed)
 
 
 # scheduler/scheduler_config.json of the SVD repos (svd_port.md §1.6).

@@ -157,11 +157,6 @@ class TemporalConv(nnx.Module):
         return (out + self.bias[...].astype(x.dtype)).reshape(b, f, h, w, -1)
 
 
-def temporal_conv(in_ch: int, out_ch: int, *, rngs: nnx.Rngs) -> TemporalConv:
-    """torch Conv3d with kernel (3,1,1), padding (1,0,0): a conv along frames of `[B, F, H, W, C]`."""
-    return TemporalConv(in_ch, out_ch, rngs=rngs)
-
-
 class Downsample2D(nnx.Module):
     """3×3 stride-2 conv (`conv`). `padding=1` pads every side (UNet); `padding=0` pads right/bottom by one (VAE)."""
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jinbetween.models.layers import GroupNorm, conv2d, temporal_conv
+from jinbetween.models.layers import GroupNorm, TemporalConv, conv2d
 
 
 class ResnetBlock2D(nnx.Module):
@@ -39,10 +39,10 @@ class TemporalResnetBlock(nnx.Module):
 
     def __init__(self, channels: int, *, temb_dim: int | None, eps: float, rngs: nnx.Rngs):
         self.norm1 = GroupNorm(channels, eps=eps, rngs=rngs)
-        self.conv1 = temporal_conv(channels, channels, rngs=rngs)
+        self.conv1 = TemporalConv(channels, channels, rngs=rngs)
         self.time_emb_proj = nnx.Linear(temb_dim, channels, rngs=rngs) if temb_dim else None
         self.norm2 = GroupNorm(channels, eps=eps, rngs=rngs)
-        self.conv2 = temporal_conv(channels, channels, rngs=rngs)
+        self.conv2 = TemporalConv(channels, channels, rngs=rngs)
 
     def __call__(self, x: jax.Array, temb: jax.Array | None) -> jax.Array:
         """Returns `[B, F, H, W, C]` for `x [B, F, H, W, C]`, `temb [B, F, T]`."""

@@ -17,7 +17,7 @@ from flax import nnx
 from jinbetween.config import VAEConfig
 from jinbetween.errors import InputShapeError
 from jinbetween.models.attention import Attention
-from jinbetween.models.layers import Downsample2D, GroupNorm, Upsample2D, conv2d, temporal_conv
+from jinbetween.models.layers import Downsample2D, GroupNorm, TemporalConv, Upsample2D, conv2d
 from jinbetween.models.resnet import ResnetBlock2D, SpatioTemporalResBlock
 
 EPS = 1e-6
@@ -128,7 +128,7 @@ class TemporalDecoder(nnx.Module):
             for i, c in enumerate(reversed_channels)])
         self.conv_norm_out = GroupNorm(cfg.block_out_channels[0], eps=EPS, rngs=rngs)
         self.conv_out = conv2d(cfg.block_out_channels[0], cfg.out_channels, 3, rngs=rngs)
-        self.time_conv_out = temporal_conv(cfg.out_channels, cfg.out_channels, rngs=rngs)
+        self.time_conv_out = TemporalConv(cfg.out_channels, cfg.out_channels, rngs=rngs)
         self.lean = cfg.lean_decode
 
     def layers(self) -> list:
