@@ -20,8 +20,9 @@ Random weights (speed and memory do not depend on their values); SVD-XT, 25 fram
 set otherwise; methods at their defaults (`--steps` overrides, for smoke runs). JAX: compiled ahead of time
 (compile seconds apart), then the median of `--repeats` calls after one warm-up call; run cases time the
 keyframe encoding and the decode (first call apart, then `--run-repeats` calls) and `--run-repeats` executions
-of the sampler, compiled ahead of time. Options: `:attention=xla` / `:shortcut=0` switch the UNet's kernels,
-`:xla=PRESET` adds XLA flags (XLA_PRESETS), `:decode_chunks=8+all` decodes a run with each chunk size in turn.
+of the sampler, compiled ahead of time. Options: `:attention=xla` / `:shortcut=0` / `:feedforward=pallas` switch
+the UNet's kernels, `:xla=PRESET` adds XLA flags (XLA_PRESETS), `:decode_chunks=8+all` decodes a run with each
+chunk size in turn.
 Torch: the first call
 (torch.compile's compilation included) apart, then the median. Peak memory: `memory_stats()
 ["peak_bytes_in_use"]` / `torch.cuda.max_memory_allocated()`, weights included. FLOPs are counted, not
@@ -53,8 +54,9 @@ SETS = {
     "samplers": ["run/jax/gi:decode_chunks=8+all", "run/jax/mpd", "run/jax/vibid", "run/jax/i2v", "run/torch-eager/i2v",
                  "run/jax/trf", "run/jax/mpd-seq"],
     "profile": ["profile/jax/unet-b2", "profile/torch-eager/unet-b2"],
-    # Ordered by what the profile suggests (bench/NOTES.md): fusing the GEGLU gate into the next matmul first.
-    "variants": ["unet/jax/b2:xla=triton-gemm-any", "unet/jax/b2:xla=cudnn-gemm-fusion",
+    # Ordered by what the profile suggests (bench/NOTES.md): removing the GEGLU gate pass first.
+    "variants": ["unet/jax/b2:feedforward=pallas", "unet/jax/b2:xla=triton-gemm-any",
+                 "unet/jax/b2:xla=cudnn-gemm-fusion",
                  "unet/jax/b2:xla=no-triton-gemm", "unet/jax/b2:xla=cudnn-layer-norm", "unet/jax/b2:shortcut=0",
                  "unet/jax/b2:attention=xla_chunked", "run/jax/vibid:progress=1"],
 }
@@ -67,7 +69,7 @@ XLA_PRESETS = {
     "no-command-buffer": "--xla_gpu_enable_command_buffer=",  # no CUDA graphs
 }
 # Options a case accepts, by kind (jinbetween's UNet switches apply wherever its UNet runs).
-_UNET_OPTIONS = {"attention", "shortcut", "xla"}
+_UNET_OPTIONS = {"attention", "shortcut", "feedforward", "xla"}
 CASE_OPTIONS = {"unet": _UNET_OPTIONS, "vae": {"lean", "chunk", "xla"}, "profile": _UNET_OPTIONS,
                 "run": _UNET_OPTIONS | {"decode_chunks", "progress"}}
 METHOD_NAMES = ("i2v", "gi", "trf", "mpd", "mpd-seq", "vibid")
@@ -100,8 +102,8 @@ def parse_case(text: str) -> tuple[str, str, str, dict[str, str]]:
 
 
 def apply_options(sizes: "Sizes", options: dict[str, str]) -> None:
-    """Sets the UNet switches a case names (`attention=`, `shortcut=`) and its XLA flags (`xla=`, before the
-    backend starts)."""
+    """Sets the UNet switches a case names (`attention=`, `shortcut=`, `feedforward=`) and its XLA flags (`xla=`,
+    before the backend starts)."""
     if "xla" in options:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_PRESETS[options['xla']]}".strip()
     overrides = {}
@@ -109,6 +111,8 @@ def apply_options(sizes: "Sizes", options: dict[str, str]) -> None:
         overrides["attention_impl"] = options["attention"]
     if "shortcut" in options:
         overrides["cross_attention_shortcut"] = options["shortcut"] != "0"
+    if "feedforward" in options:
+        overrides["feedforward_impl"] = options["feedforward"]
     sizes.unet = sizes.unet.replace(**overrides)
 
 

@@ -20,6 +20,7 @@ DOWN_BLOCK_TYPES = (CROSS_ATTN_DOWN, DOWN)
 UP_BLOCK_TYPES = (CROSS_ATTN_UP, UP)
 
 ATTENTION_IMPLS = ("auto", "xla", "xla_chunked", "cudnn")
+FEEDFORWARD_IMPLS = ("xla", "pallas")
 
 GROUPNORM_GROUPS = 32
 
@@ -33,7 +34,9 @@ class UNetConfig:
     `attention_impl` picks the spatial self-attention kernel: "auto" uses cuDNN flash attention on a
     GPU for bf16/fp16 activations, otherwise XLA (query-chunked when the logits would be large).
     `cross_attention_shortcut` replaces attention over a single context token by the exactly equal
-    to_out(to_v(context)) broadcast (softmax over one key is 1).
+    to_out(to_v(context)) broadcast (softmax over one key is 1). `feedforward_impl="pallas"` runs each GEGLU's
+    projection and gate as one Triton kernel on an NVIDIA GPU (`models/geglu_kernel.py`; experimental, not yet
+    timed against XLA's "xla").
     """
 
     in_channels: int = 8
@@ -51,6 +54,7 @@ class UNetConfig:
     sample_size: int | None = 96
     attention_impl: str = "auto"
     cross_attention_shortcut: bool = True
+    feedforward_impl: str = "xla"
 
     def __post_init__(self):
         n = len(self.down_block_types)
@@ -77,6 +81,8 @@ class UNetConfig:
                 f"multiple of addition_time_embed_dim={self.addition_time_embed_dim}.")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}.")
+        if self.feedforward_impl not in FEEDFORWARD_IMPLS:
+            raise ConfigError(f"feedforward_impl={self.feedforward_impl!r}; choose one of {FEEDFORWARD_IMPLS}.")
 
     @property
     def num_ids(self) -> int:
@@ -111,7 +117,7 @@ class UNetConfig:
         return _to_dict(self, "UNetSpatioTemporalConditionModel", _UNET_RUNTIME_FIELDS)
 
 
-_UNET_RUNTIME_FIELDS = ("attention_impl", "cross_attention_shortcut")
+_UNET_RUNTIME_FIELDS = ("attention_impl", "cross_attention_shortcut", "feedforward_impl")
 _VAE_RUNTIME_FIELDS = ("attention_impl", "lean_decode")
 _PER_BLOCK_FIELDS = ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block", "num_attention_heads")
 

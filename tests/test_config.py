@@ -43,9 +43,10 @@ def test_diffusers_defaults_equal_svd_xt():
 
 
 def test_runtime_switches_are_not_architecture():
-    cfg = config.UNetConfig.from_diffusers(SVD_XT_JSON, attention_impl="xla", cross_attention_shortcut=False)
-    assert cfg.attention_impl == "xla" and not cfg.cross_attention_shortcut
-    assert "attention_impl" not in cfg.to_diffusers()
+    cfg = config.UNetConfig.from_diffusers(SVD_XT_JSON, attention_impl="xla", cross_attention_shortcut=False,
+                                           feedforward_impl="pallas")
+    assert cfg.attention_impl == "xla" and not cfg.cross_attention_shortcut and cfg.feedforward_impl == "pallas"
+    assert not {"attention_impl", "cross_attention_shortcut", "feedforward_impl"} & set(cfg.to_diffusers())
 
 
 def test_unsupported_block_type_is_named():
@@ -74,6 +75,7 @@ def test_nested_transformer_layers_are_refused():
     (dict(num_attention_heads=(5, 10, 20, 7)), "not divisible by num_attention_heads"),
     (dict(layers_per_block=(2, 2)), "entries but there are 4 down blocks"),
     (dict(attention_impl="flash"), "attention_impl"),
+    (dict(feedforward_impl="triton"), "feedforward_impl"),
 ])
 def test_inconsistent_configs_are_refused(change, message):
     with pytest.raises(ConfigError, match=message):

@@ -51,13 +51,26 @@ def test_groupnorm_per_frame_and_per_video_statistics():
 
 
 def test_groupnorm_variance_does_not_cancel_at_large_mean():
-    # E[x²]−E[x]² loses every digit here (torch 2.13's own fp32 CPU kernel is off by ~57 on this input);
-    # the two-pass variance stays within the input's own quantization, ulp(300)/std ≈ 6e-4.
+    # E[x²]−E[x]² loses every digit here (torch 2.13's own fp32 CPU kernel is off by ~57 on this input); the
+    # shifted one-pass variance stays within the input's own quantization, ulp(300)/std ≈ 6e-4.
     x = (300 + 0.05 * np.random.default_rng(0).standard_normal((2, 3, 4, 5, 64))).astype(np.float32)
     ref_gn = randomize_(torch.nn.GroupNorm(32, 64, eps=1e-5), 0)
     gn = port(ref_gn, lambda r: GroupNorm(64, eps=1e-5, rngs=r))
     assert_close(gn(jnp.asarray(x)), _torch_groupnorm(ref_gn, x, torch.float64), 2e-3,
                  "GroupNorm at mean 300, std 0.05, against float64")
+
+
+def test_groupnorm_shift_survives_an_outlier_first_element():
+    """The one-pass variance is shifted by the mean of each group's first image row. Shifted by the first element
+    alone, an outlier 1000 std away in a group of 262 k values would cost 22% of the variance (measured); the row
+    of 256 values dilutes it to ~1e-5."""
+    x = (300 + 0.05 * np.random.default_rng(0).standard_normal((1, 16, 64, 128, 64))).astype(np.float32)
+    x[:, 0, 0, 0, :] = 350
+    gn = GroupNorm(64, eps=1e-5, rngs=nnx.Rngs(0))
+    _, var = gn.moments(jnp.asarray(x))
+    grouped = x.astype(np.float64).reshape(1, 16, 64, 128, 32, 2)
+    expected = grouped.var(axis=(1, 2, 3, 5))
+    np.testing.assert_allclose(np.asarray(var).reshape(expected.shape), expected, rtol=1e-4)
 
 
 def test_layernorm_matches_torch():
@@ -167,3 +180,51 @@ def test_temporal_conv_is_the_3d_conv_it_replaces():
     ours.bias[...], reference.bias[...] = bias, bias
     x = jax.random.normal(jax.random.key(0), (2, 5, 4, 3, 8))
     np.testing.assert_allclose(ours(x), reference(x), rtol=1e-6, atol=1e-6)
+
+
+def test_fused_geglu_kernel_matches_xla_and_its_gradient():
+    """The Pallas GEGLU kernel's program, run by the interpreter (its arithmetic, not its Triton compilation):
+    the value and gate products, the bias and the gate (erf from a polynomial with |error| ≤ 1.5e-7) in float32,
+    against XLA's GEGLU. Gradients come from the XLA path."""
+    from jinbetween.models.geglu_kernel import TILE_COLS, TILE_DEPTH, TILE_ROWS, fits, geglu_fused, geglu_reference
+
+    rows, channels, inner = 2 * TILE_ROWS, 2 * TILE_DEPTH, 3 * TILE_COLS
+    assert fits(rows, channels, inner) and not fits(rows + 1, channels, inner)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((rows, channels)), jnp.float32)
+    kernel = jnp.asarray(0.1 * rng.standard_normal((channels, 2 * inner)), jnp.float32)
+    bias = jnp.asarray(0.1 * rng.standard_normal((2 * inner,)), jnp.float32)
+    assert_close(geglu_fused(x, kernel, bias, True), geglu_reference(x, kernel, bias), TOL, "fused GEGLU")
+
+    def loss(fn):
+        return lambda *args: jnp.sum(fn(*args) ** 2)
+
+    fused_grads = jax.grad(loss(lambda *a: geglu_fused(*a, True)), argnums=(0, 1, 2))(x, kernel, bias)
+    xla_grads = jax.grad(loss(geglu_reference), argnums=(0, 1, 2))(x, kernel, bias)
+    for fused, xla, name in zip(fused_grads, xla_grads, ("x", "kernel", "bias")):
+        assert_close(fused, xla, TOL, f"fused GEGLU gradient of {name}")
+
+
+def test_feedforward_pallas_runs_the_kernel_where_tiles_fit(monkeypatch):
+    """`impl="pallas"` routes a GEGLU whose rows, channels and inner width the tiles divide through the kernel
+    (here interpreted, as the GPU is pretended), and any other through XLA; both equal XLA's feed-forward."""
+    from jinbetween import hardware
+    from jinbetween.models import geglu_kernel
+
+    calls = []
+    fused = geglu_kernel.geglu_fused
+    monkeypatch.setattr(hardware, "modern_gpu", lambda: True)
+    monkeypatch.setattr(geglu_kernel, "geglu_fused", lambda *a: calls.append(a[0].shape) or fused(*a, True))
+    ff_xla = FeedForward(64, rngs=nnx.Rngs(3))
+    ff_pallas = FeedForward(64, impl="pallas", rngs=nnx.Rngs(3))
+    for shape in ((2, 128, 64), (3, 5, 64)):  # 256 rows fit the 128-row tiles; 15 rows do not
+        x = jnp.asarray(np.random.default_rng(1).standard_normal(shape), jnp.float32)
+        assert_close(ff_pallas(x), ff_xla(x), TOL, f"pallas feed-forward on {shape}")
+    assert calls == [(256, 64)]
+
+
+def test_feedforward_pallas_off_gpu_is_a_clear_error():
+    if jax.default_backend() == "gpu":
+        pytest.skip("a GPU is here")
+    with pytest.raises(ValueError, match="feedforward_impl='xla'"):
+        FeedForward(64, impl="pallas", rngs=nnx.Rngs(0))(jnp.ones((2, 128, 64)))

@@ -1,7 +1,7 @@
 """Primitive layers shared by the UNet, VAE and image encoder, channels-last.
 
-Normalizations accumulate in float32 with a two-pass variance (never E[x²]−E[x]²) and take their
-epsilon explicitly: Flax's defaults differ from PyTorch's. GELU is the exact erf form.
+Normalizations accumulate in float32 (GroupNorm's variance from data shifted near its mean, never E[x²]−E[x]²)
+and take their epsilon explicitly: Flax's defaults differ from PyTorch's. GELU is the exact erf form.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from jinbetween import hardware
+from jinbetween.errors import ConfigError
 
 
 class GroupNorm(nnx.Module):
@@ -42,11 +45,22 @@ class GroupNorm(nnx.Module):
         return tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
 
     def moments(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Returns (mean, variance) per row and group (two-pass), shaped to broadcast against `group(x)`."""
+        """Returns (mean, variance) per row and group, shaped to broadcast against `group(x)`.
+
+        One pass over `x`: the sums of d = x − s and d², where the shift s is the mean of the group's first line
+        (index 0 along every statistic axis but the last two: one image row). E[d²] − E[d]² does not depend on s,
+        and a shift near the mean keeps float32 from cancelling the variance away, as E[x²] − E[x]² does when
+        |mean| ≫ std. XLA fuses both sums into one reduction that reads `x` once; a two-pass variance reads it
+        twice (bench/NOTES.md).
+        """
         grouped = self.group(x)
         axes = self.statistic_axes(grouped)
-        mean = grouped.mean(axes, keepdims=True)
-        return mean, jnp.square(grouped - mean).mean(axes, keepdims=True)
+        line = tuple(slice(0, 1) if axis in axes[:-2] else slice(None) for axis in range(grouped.ndim))
+        shift = jax.lax.stop_gradient(grouped[line].mean(axes, keepdims=True))
+        centered = grouped - shift
+        mean_centered = centered.mean(axes, keepdims=True)
+        var = jnp.maximum(jnp.square(centered).mean(axes, keepdims=True) - jnp.square(mean_centered), 0.0)
+        return shift + mean_centered, var
 
     def normalize(self, x: jax.Array, mean: jax.Array, var: jax.Array) -> jax.Array:
         """Returns `x` normalized with the given group moments, then scaled and shifted, in `x`'s dtype."""
@@ -106,12 +120,27 @@ def gelu_erf(x: jax.Array) -> jax.Array:
 
 
 class GEGLU(nnx.Module):
-    """Linear to 2·inner, split as [value | gate], value · gelu_erf(gate), the product in float32."""
+    """Linear to 2·inner, split as [value | gate], value · gelu_erf(gate), the product in float32.
 
-    def __init__(self, dim: int, inner_dim: int, *, rngs: nnx.Rngs):
+    `impl="pallas"` computes the projection and the gate in one Triton kernel on an NVIDIA GPU
+    (`geglu_kernel.geglu_fused`) wherever its tiles divide the shapes, and XLA's two passes elsewhere.
+    """
+
+    def __init__(self, dim: int, inner_dim: int, *, impl: str = "xla", rngs: nnx.Rngs):
+        self.impl = impl
         self.proj = nnx.Linear(dim, 2 * inner_dim, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.impl == "pallas":
+            from jinbetween.models import geglu_kernel
+
+            rows, (channels, inner) = x.size // x.shape[-1], (x.shape[-1], self.proj.out_features // 2)
+            if not hardware.modern_gpu():
+                raise ConfigError(f"feedforward_impl='pallas' compiles a Triton kernel for NVIDIA GPUs (Ampere or "
+                                  f"newer); the backend here is {jax.default_backend()}: use feedforward_impl='xla'.")
+            if geglu_kernel.fits(rows, channels, inner):
+                out = geglu_kernel.geglu_fused(x.reshape(rows, channels), self.proj.kernel[...], self.proj.bias[...])
+                return out.reshape(*x.shape[:-1], inner)
         value, gate = jnp.split(self.proj(x), 2, axis=-1)
         return (value.astype(jnp.float32) * _gelu_erf_f32(gate)).astype(value.dtype)
 
@@ -119,9 +148,10 @@ class GEGLU(nnx.Module):
 class FeedForward(nnx.Module):
     """diffusers FeedForward with GEGLU: `net.0` (GEGLU), `net.1` (dropout, no parameters), `net.2` (Linear)."""
 
-    def __init__(self, dim: int, out_dim: int | None = None, *, mult: int = 4, rngs: nnx.Rngs):
+    def __init__(self, dim: int, out_dim: int | None = None, *, mult: int = 4, impl: str = "xla", rngs: nnx.Rngs):
         inner = dim * mult
-        self.net = nnx.List([GEGLU(dim, inner, rngs=rngs), None, nnx.Linear(inner, out_dim or dim, rngs=rngs)])
+        self.net = nnx.List([GEGLU(dim, inner, impl=impl, rngs=rngs), None,
+                             nnx.Linear(inner, out_dim or dim, rngs=rngs)])
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.net[2](self.net[0](x))

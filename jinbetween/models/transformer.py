@@ -20,7 +20,8 @@ LN_EPS = 1e-5
 class BasicTransformerBlock(nnx.Module):
     """Spatial block: self-attention over the pixels of each frame, cross-attention, GEGLU feed-forward."""
 
-    def __init__(self, dim: int, *, heads: int, context_dim: int, impl: str, shortcut: bool, rngs: nnx.Rngs):
+    def __init__(self, dim: int, *, heads: int, context_dim: int, impl: str, shortcut: bool, ff_impl: str = "xla",
+                 rngs: nnx.Rngs):
         head_dim = dim // heads
         self.norm1 = LayerNorm(dim, eps=LN_EPS, rngs=rngs)
         self.attn1 = Attention(dim, heads=heads, head_dim=head_dim, impl=impl, rngs=rngs)
@@ -28,7 +29,7 @@ class BasicTransformerBlock(nnx.Module):
         self.attn2 = Attention(dim, heads=heads, head_dim=head_dim, context_dim=context_dim, impl=impl,
                                single_token_shortcut=shortcut, rngs=rngs)
         self.norm3 = LayerNorm(dim, eps=LN_EPS, rngs=rngs)
-        self.ff = FeedForward(dim, rngs=rngs)
+        self.ff = FeedForward(dim, impl=ff_impl, rngs=rngs)
 
     def __call__(self, z: jax.Array, context: jax.Array) -> jax.Array:
         """Returns `[B, F, S, C]` for `z [B, F, S, C]`, `context [B, L, D]`."""
@@ -42,17 +43,17 @@ class TemporalBasicTransformerBlock(nnx.Module):
     """Temporal block over the frames of each pixel: GEGLU in, self-attention (maps), cross-attention, GEGLU."""
 
     def __init__(self, dim: int, *, heads: int, context_dim: int, impl: str, shortcut: bool, name: str,
-                 rngs: nnx.Rngs):
+                 ff_impl: str = "xla", rngs: nnx.Rngs):
         head_dim = dim // heads
         self.norm_in = LayerNorm(dim, eps=LN_EPS, rngs=rngs)
-        self.ff_in = FeedForward(dim, rngs=rngs)
+        self.ff_in = FeedForward(dim, impl=ff_impl, rngs=rngs)
         self.norm1 = LayerNorm(dim, eps=LN_EPS, rngs=rngs)
         self.attn1 = TemporalSelfAttention(dim, heads=heads, head_dim=head_dim, name=f"{name}.attn1", rngs=rngs)
         self.norm2 = LayerNorm(dim, eps=LN_EPS, rngs=rngs)
         self.attn2 = Attention(dim, heads=heads, head_dim=head_dim, context_dim=context_dim, impl=impl,
                                single_token_shortcut=shortcut, rngs=rngs)
         self.norm3 = LayerNorm(dim, eps=LN_EPS, rngs=rngs)
-        self.ff = FeedForward(dim, rngs=rngs)
+        self.ff = FeedForward(dim, impl=ff_impl, rngs=rngs)
 
     def __call__(self, z: jax.Array, context: jax.Array, attn: AttnControl = NO_CONTROL,
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -71,10 +72,10 @@ class TransformerSpatioTemporalModel(nnx.Module):
     """GN → proj_in → [spatial block, + frame-index embedding → temporal block, time_mixer]ₙ → proj_out, + input."""
 
     def __init__(self, channels: int, *, heads: int, context_dim: int, num_layers: int, impl: str,
-                 shortcut: bool, name: str, rngs: nnx.Rngs):
+                 shortcut: bool, name: str, ff_impl: str = "xla", rngs: nnx.Rngs):
         self.norm = GroupNorm(channels, eps=1e-6, rngs=rngs)
         self.proj_in = nnx.Linear(channels, channels, rngs=rngs)
-        kw = dict(heads=heads, context_dim=context_dim, impl=impl, shortcut=shortcut, rngs=rngs)
+        kw = dict(heads=heads, context_dim=context_dim, impl=impl, shortcut=shortcut, ff_impl=ff_impl, rngs=rngs)
         self.transformer_blocks = nnx.List([BasicTransformerBlock(channels, **kw) for _ in range(num_layers)])
         self.temporal_transformer_blocks = nnx.List([
             TemporalBasicTransformerBlock(channels, name=f"{name}.temporal_transformer_blocks.{i}", **kw)
