@@ -16,11 +16,13 @@ Set-up, in a virtual environment of its own (JAX's CUDA wheels are ~5 GB; no GPU
     python3 -m venv .venv-gpuplan && . .venv-gpuplan/bin/activate && pip install "jax[cuda12]" && pip install -e .
     PYTHONPATH=. python bench/gpu_plan.py plan --cases unet/b2,run/gi --out bench/results/plan/plan.json
     PYTHONPATH=. python bench/gpu_plan.py calibrate --hlo X.hlo.txt.gz --trace X.trace.json.gz  # any machine
+    python bench/gpu_plan.py table bench/results/plan/plan.json                                   # markdown
 
 Cases (SVD-XT, bf16, 25 frames at 576×1024 unless --frames/--height/--width say otherwise):
 
   unet/b1, unet/b2                 one UNet forward on B videos (B=2: one CFG call)
   vae/decode[:chunk=8,lean=0]      the decode of one video's latents
+  encode/keyframes[:pairs=N]       the VAE and CLIP encoding of N pairs' keyframes, as `interpolate` batches them
   run/METHOD[:pairs=N]             the sampler program of METHOD (i2v, gi, trf, mpd, mpd-seq, vibid) on N pairs
                                    (N videos for i2v), as `interpolate` / `interpolate_batch` run it per device
 
@@ -47,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {path.stem: path for path in sorted((ROOT / "bench" / "gpu_targets").glob("*.txtpb"))}
 METHOD_NAMES = ("i2v", "gi", "trf", "mpd", "mpd-seq", "vibid")
 CASE_OPTIONS = {"unet": {"attention", "shortcut", "feedforward", "xla"}, "vae": {"chunk", "lean", "xla"},
-                "run": {"attention", "shortcut", "feedforward", "xla", "pairs"}}
+                "run": {"attention", "shortcut", "feedforward", "xla", "pairs"}, "encode": {"pairs", "xla"}}
 # Without autotuning, XLA's Triton matmul emitter finds no tiling for some of the UNet's shapes: send every matmul
 # to cuBLAS, which is what the H200's autotuner picked for all of the UNet's large matmuls (bench/NOTES.md).
 DEVICELESS_FLAGS = "--xla_gpu_enable_triton_gemm=false --xla_gpu_autotune_level=0"
@@ -88,8 +90,10 @@ def _product(dims: str) -> int:
 
 
 def computations(hlo: str) -> dict[str, list[tuple]]:
-    """Instructions of each computation: (name, shape, op, operand names, attributes, raw operand text)."""
+    """Instructions of each computation, its root last: (name, shape, op, operand names, attributes, raw operand
+    text)."""
     found: dict[str, list[tuple]] = {}
+    root_of: dict[int, tuple] = {}
     current = None
     for line in hlo.splitlines():
         header = _HEADER.match(line)
@@ -103,6 +107,13 @@ def computations(hlo: str) -> dict[str, list[tuple]]:
         if match:
             name, shape, op, operands, attributes = match.groups()
             current.append((name, shape, op, re.findall(r"%([\w.\-]+)", operands), attributes, operands))
+            if line.lstrip().startswith("ROOT "):
+                root_of[id(current)] = current[-1]
+    for body in found.values():  # the root goes last
+        root = root_of.get(id(body))
+        if root is not None:
+            body.remove(root)
+            body.append(root)
     return found
 
 
@@ -129,11 +140,43 @@ def parameter_reads(body: list[tuple]) -> dict[int, int]:
                 return total
         return min(count, total) if users.get(name) else total
 
+    in_place = {target for target, _ in _updates_in_place(body)}
     reads = {}
     for name, (number, shape) in parameters.items():
         total = array_elements(shape)
-        reads[number] = shape_bytes(shape) * elements_read(name, total) // max(total, 1)
+        reads[number] = 0 if name in in_place else shape_bytes(shape) * elements_read(name, total) // max(total, 1)
     return reads
+
+
+def _updates_in_place(body: list[tuple]) -> list[tuple[str, str]]:
+    """(buffer parameter, update shape) of each dynamic-update-slice among a fusion's outputs: XLA writes the
+    update into the buffer in place (`lax.map` / `fori_loop` outputs, scan carries), touching only its slice."""
+    by_name = {entry[0]: entry for entry in body}
+
+    def through_bitcasts(name: str) -> str:
+        while name in by_name and by_name[name][2] == "bitcast":
+            name = by_name[name][3][0]
+        return name
+
+    root = body[-1] if body else None
+    outputs = root[3] if root and root[2] == "tuple" else [root[0]] if root else []
+    found = []
+    for output in map(through_bitcasts, outputs):
+        if by_name.get(output, (None, None, None))[2] != "dynamic-update-slice":
+            continue
+        buffer, update = through_bitcasts(by_name[output][3][0]), by_name[output][3][1]
+        if by_name.get(buffer, (None, None, None))[2] == "parameter":
+            found.append((buffer, by_name[update][1]))
+    return found
+
+
+def fusion_writes(body: list[tuple], shape: str) -> int:
+    """Bytes a fusion of output `shape` writes: an output updated in place writes only its update."""
+    by_name = {entry[0]: entry for entry in body}
+    written = shape_bytes(shape)
+    for buffer, update in _updates_in_place(body):
+        written += shape_bytes(update) - shape_bytes(by_name[buffer][1])
+    return written
 
 
 def executions(hlo: str, comps: dict[str, list[tuple]]) -> dict[str, int]:
@@ -177,14 +220,16 @@ def kernels(hlo: str) -> list[dict]:
             target = re.search(r'custom_call_target="([^"]+)"', attributes)
             callee = re.search(r"calls=%([\w.\-]+)", attributes)
             body = comps.get(callee.group(1), []) if callee else []
+            written = shape_bytes(shape)
             if op == "fusion" and body:
                 reads = parameter_reads(body)
                 read = sum(reads.get(i, shape_bytes(shapes.get(o, ""))) for i, o in enumerate(operands))
+                written = fusion_writes(body, shape)
             else:
                 read = sum(shape_bytes(shapes.get(o, "")) for o in operands)
             kind_name = kind.group(1) if kind else ""
             found.append({"name": name, "op": op, "kind": kind_name or (target.group(1) if target else ""),
-                          "read": read, "written": shape_bytes(shape), "shape": shape.split("{")[0], "runs": count,
+                          "read": read, "written": written, "shape": shape.split("{")[0], "runs": count,
                           "class": kernel_class(op, kind_name, target.group(1) if target else "",
                                                 any(o == "dot" for _, _, o, *_ in body))})
     return found
@@ -259,9 +304,9 @@ def parse_case(text: str) -> tuple[str, str, dict[str, str]]:
     head, _, tail = text.partition(":")
     kind, _, target = head.partition("/")
     options = dict(item.split("=", 1) for item in tail.split(",") if item) if tail else {}
-    valid = {"unet": ("b1", "b2"), "vae": ("decode",), "run": METHOD_NAMES}
+    valid = {"unet": ("b1", "b2"), "vae": ("decode",), "encode": ("keyframes",), "run": METHOD_NAMES}
     if kind not in valid or target not in valid[kind]:
-        raise SystemExit(f"unknown case {text!r}: unet/b1, unet/b2, vae/decode or run/METHOD "
+        raise SystemExit(f"unknown case {text!r}: unet/b1, unet/b2, vae/decode, encode/keyframes or run/METHOD "
                          f"(METHOD one of {METHOD_NAMES})")
     unknown = set(options) - CASE_OPTIONS[kind]
     if unknown:
@@ -339,6 +384,17 @@ def compile_case(case: str, args) -> dict:
         chunk = int(options.get("chunk", args.frames))
         latents = spec((args.frames, h, w, vae_cfg.latent_channels))
         lowered = jax.jit(lambda s, z: _decode_video(graphdef, s, z, chunk)).lower(state, latents)
+    elif kind == "encode":
+        from jinbetween.models import abstract_image_encoder
+        from jinbetween.pipeline import _encode
+
+        keyframes = 2 * int(options.get("pairs", 1))
+        size = config.svd_image_encoder().image_size
+        vae = ModelState(*abstract_state(abstract_vae(vae_cfg), dtype, sharding))
+        encoder = ModelState(*abstract_state(abstract_image_encoder(config.svd_image_encoder()), dtype, sharding))
+        keys = jax.ShapeDtypeStruct((keyframes,), jax.random.key(0).dtype, sharding=sharding)
+        lowered = _encode.lower(vae, encoder, spec((keyframes, args.height, args.width, 3)),
+                                spec((keyframes, size, size, 3)), keys, None, spec((3,)))
     else:
         from jinbetween.delta import delta_shapes
         from jinbetween.pipeline import _method_config
@@ -393,10 +449,28 @@ def run_child(case: str, args) -> dict:
     return {"case": case, "error": (done.stderr or done.stdout)[-3000:], "returncode": done.returncode}
 
 
+def table(report: dict) -> str:
+    """Markdown: per case, the planned peak (and its parts), the kernel launches and the bytes the memory-bound
+    kernels move, per execution of the program."""
+    lines = ["| case | peak GB (arguments + temporaries) | kernel launches | memory-bound GB moved | compile s here |",
+             "|---|---|---|---|---|"]
+    for r in report["results"]:
+        if "error" in r:
+            lines.append(f"| `{r['case']}` | error | | | |")
+            continue
+        memory, kinds = r["memory_bytes"], r["kernels"]
+        launches = sum(k["kernels"] for k in kinds.values())
+        moved = kinds.get("memory-bound", {}).get("bytes", 0)
+        lines.append(f"| `{r['case']}` | {memory['peak'] / 1e9:.2f} ({memory['arguments'] / 1e9:.2f} + "
+                     f"{memory['temporaries'] / 1e9:.2f}) | {launches} | {moved / 1e9:.1f} | "
+                     f"{r['compile_s_here']:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["plan", "case", "calibrate"])
-    parser.add_argument("case", nargs="?", help="(internal) the case a child process compiles")
+    parser.add_argument("command", choices=["plan", "case", "calibrate", "table"])
+    parser.add_argument("case", nargs="?", help="(internal) the case a child process compiles; table: the JSON")
     parser.add_argument("--cases", default="unet/b1,unet/b2,vae/decode,run/i2v,run/gi")
     parser.add_argument("--target", default="h200", choices=sorted(TARGETS))
     parser.add_argument("--frames", type=int, default=25)
@@ -410,6 +484,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "case":
         print(json.dumps(compile_case(args.case, args)))
+        return
+    if args.command == "table":
+        print(table(json.loads(Path(args.case).read_text())))
         return
     if args.command == "calibrate":
         if not (args.hlo and args.trace):

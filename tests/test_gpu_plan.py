@@ -112,3 +112,41 @@ def test_loop_bodies_count_once_per_trip():
     body = [k for k in found if k["op"] == "fusion" and k["shape"] == "f32[1000]"]
     assert [k["runs"] for k in body] == [7]
     assert gpu_plan.summarize(body)["memory-bound"] == {"kernels": 7, "bytes": 7 * 8000}
+
+
+def test_an_update_in_place_moves_only_its_slice():
+    """A loop that writes one frame per step into its output buffer: XLA updates the buffer in place, so each
+    step reads and writes one frame, not the whole buffer (how `lax.map` outputs and scan carries run)."""
+    hlo = """HloModule m
+
+%fused_update (param_0: bf16[25,64,64], param_1: bf16[64,64], param_2: s32[]) -> bf16[25,64,64] {
+  %param_0 = bf16[25,64,64]{2,1,0} parameter(0)
+  %param_1 = bf16[64,64]{1,0} parameter(1)
+  %negate.1 = bf16[64,64]{1,0} negate(%param_1)
+  %bitcast.1 = bf16[1,64,64]{2,1,0} bitcast(%negate.1)
+  %param_2 = s32[] parameter(2)
+  %constant.0 = s32[] constant(0)
+  ROOT %dynamic-update-slice.1 = bf16[25,64,64]{2,1,0} dynamic-update-slice(%param_0, %bitcast.1, %param_2, %constant.0, %constant.0)
+}
+
+ENTRY %main (buffer: bf16[25,64,64], frame: bf16[64,64], i: s32[]) -> bf16[25,64,64] {
+  %buffer = bf16[25,64,64]{2,1,0} parameter(0)
+  %frame = bf16[64,64]{1,0} parameter(1)
+  %i = s32[] parameter(2)
+  ROOT %loop_dynamic_update_slice_fusion = bf16[25,64,64]{2,1,0} fusion(%buffer, %frame, %i), kind=kLoop, calls=%fused_update
+}
+"""
+    (update,) = gpu_plan.kernels(hlo)
+    frame = 64 * 64 * 2
+    assert (update["read"], update["written"]) == (frame + 4, frame)
+
+
+def test_table_reads_a_plan_report():
+    report = {"results": [
+        {"case": "unet/b2", "compile_s_here": 25.0, "kernels": {"memory-bound": {"kernels": 3, "bytes": 2e9},
+                                                                "matmul": {"kernels": 2, "bytes": 1e9}},
+         "memory_bytes": {"arguments": 3e9, "temporaries": 5e9, "outputs": 0, "aliased": 0, "peak": 8e9}},
+        {"case": "run/gi", "error": "..."}]}
+    lines = gpu_plan.table(report).splitlines()
+    assert lines[2] == "| `unet/b2` | 8.00 (3.00 + 5.00) | 5 | 2.0 | 25 |"
+    assert lines[3].startswith("| `run/gi` | error")
