@@ -66,8 +66,11 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\((.*?)\)
 # Ops that run as kernels of their own when they appear outside a fused computation.
 _KERNEL_OPS = {"fusion", "custom-call", "convolution", "dot", "copy", "transpose", "reduce", "concatenate",
                "dynamic-update-slice", "scatter", "sort", "gather"}
-# One-operand ops through which a parameter still reaches a slice element by element.
-_PASS_THROUGH = {"bitcast", "convert", "reshape", "copy", "negate", "abs"}
+# Elementwise ops (and free reshapes) through which a parameter reaches a slice element by element: a fusion that
+# slices their result computes, and reads, only the sliced elements.
+_PASS_THROUGH = {"bitcast", "convert", "reshape", "copy", "negate", "abs", "add", "subtract", "multiply", "divide",
+                 "maximum", "minimum", "exponential", "log", "tanh", "logistic", "sqrt", "rsqrt", "select", "compare",
+                 "and", "or", "not", "power", "clamp"}
 MEMORY_BOUND_KINDS = ("kLoop", "kInput", "kCustom")
 
 
@@ -119,8 +122,8 @@ def computations(hlo: str) -> dict[str, list[tuple]]:
 
 def parameter_reads(body: list[tuple]) -> dict[int, int]:
     """Bytes a fused computation reads of each of its parameters, by parameter number. A parameter that reaches
-    only slices (through bitcasts, converts and other one-operand elementwise ops) is read only where sliced: a
-    GEGLU's two halves read all of it, a GroupNorm shift one element per group."""
+    only slices (through bitcasts, converts and elementwise ops) is read only where sliced: a GEGLU's two halves
+    read all of it, a GroupNorm shift one image row per group."""
     users = collections.defaultdict(list)
     parameters = {}
     for name, shape, op, operands, _, raw in body:

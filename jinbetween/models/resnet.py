@@ -13,6 +13,13 @@ from flax import nnx
 from jinbetween.models.layers import GroupNorm, TemporalConv, conv2d
 
 
+def _add_in_f32(h: jax.Array, offset: jax.Array) -> jax.Array:
+    """h + offset (a per-frame broadcast), added in float32 and returned in h's dtype. XLA folds a same-dtype add
+    of a broadcast into the cuDNN convolution before it as a "side input", which it materializes at the full
+    activation size first; in float32 the add stays a separate elementwise op, fused into the GroupNorm after it."""
+    return (h.astype(jnp.float32) + offset.astype(jnp.float32)).astype(h.dtype)
+
+
 class ResnetBlock2D(nnx.Module):
     """Per-frame resnet: GN-SiLU-conv, + Linear(SiLU(temb)), GN-SiLU-conv, 1×1 shortcut when channels change."""
 
@@ -28,7 +35,7 @@ class ResnetBlock2D(nnx.Module):
         """Returns `[N, H, W, out]` for `x [N, H, W, in]`, `temb [N, T]`."""
         h = self.conv1(jax.nn.silu(self.norm1(x)))
         if self.time_emb_proj is not None:
-            h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+            h = _add_in_f32(h, self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :])
         h = self.conv2(jax.nn.silu(self.norm2(h)))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return skip + h
@@ -48,7 +55,7 @@ class TemporalResnetBlock(nnx.Module):
         """Returns `[B, F, H, W, C]` for `x [B, F, H, W, C]`, `temb [B, F, T]`."""
         h = self.conv1(jax.nn.silu(self.norm1(x)))
         if self.time_emb_proj is not None:
-            h = h + self.time_emb_proj(jax.nn.silu(temb))[:, :, None, None, :]
+            h = _add_in_f32(h, self.time_emb_proj(jax.nn.silu(temb))[:, :, None, None, :])
         h = self.conv2(jax.nn.silu(self.norm2(h)))
         return x + h
 
