@@ -279,8 +279,9 @@ def calibrate(hlo_path: str, trace_path: str) -> dict:
     hlo = gzip.open(hlo_path, "rt").read()
     by_name = {k["name"].replace(".", "_").replace("-", "_"): k for k in kernels(hlo)}
     trace = json.load(gzip.open(trace_path))
-    events = [e for e in trace["traceEvents"] if e.get("ph") == "X" and "/device:GPU" in _process_names(trace).get(
-        e.get("pid"), "")]
+    gpus = {e["pid"] for e in trace["traceEvents"]
+            if e.get("ph") == "M" and e.get("name") == "process_name" and "/device:GPU" in e["args"]["name"]}
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("pid") in gpus]
     classes: dict[str, dict] = {}
     for event in events:
         k = by_name.get(event["name"])
@@ -293,10 +294,6 @@ def calibrate(hlo_path: str, trace_path: str) -> dict:
         entry["TB_per_s"] = entry["bytes"] / entry["ms"] / 1e9 if entry["ms"] and entry["bytes"] else None
     return {"hlo": hlo_path, "trace": trace_path, "by_class": classes}
 
-
-def _process_names(trace: dict) -> dict:
-    return {e["pid"]: e["args"]["name"] for e in trace["traceEvents"]
-            if e.get("ph") == "M" and e.get("name") == "process_name"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -346,7 +343,8 @@ def compile_case(case: str, args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jinbetween import config, hardware
+    from bench import perf
+    from jinbetween import hardware
     from jinbetween.conditioning import Conditioning
     from jinbetween.models import abstract_unet, abstract_vae, unet_apply
     from jinbetween.models.state import ModelState
@@ -362,16 +360,11 @@ def compile_case(case: str, args) -> dict:
     def spec(shape, dt=jnp.float32):
         return jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
 
-    unet_cfg = config.svd_xt()
-    if "attention" in options:
-        unet_cfg = unet_cfg.replace(attention_impl=options["attention"])
-    if "shortcut" in options:
-        unet_cfg = unet_cfg.replace(cross_attention_shortcut=options["shortcut"] != "0")
-    if "feedforward" in options:
-        unet_cfg = unet_cfg.replace(feedforward_impl=options["feedforward"])
-    vae_cfg = config.svd_vae()
-    factor = vae_cfg.downsample_factor
-    h, w = args.height // factor, args.width // factor
+    # The UNet switches as bench/perf.py sets them; XLA flags were set by `run_child`, before JAX started.
+    sizes = perf.Sizes(argparse.Namespace(tiny=False, frames=args.frames, height=args.height, width=args.width))
+    perf.apply_options(sizes, {k: v for k, v in options.items() if k != "xla"})
+    unet_cfg, vae_cfg, encoder_cfg = sizes.unet, sizes.vae, sizes.encoder
+    h, w = sizes.latent
     if kind == "unet":
         batch = int(target.removeprefix("b"))
         graphdef, state = abstract_state(abstract_unet(unet_cfg), dtype, sharding)
@@ -392,9 +385,9 @@ def compile_case(case: str, args) -> dict:
         from jinbetween.pipeline import _encode
 
         keyframes = 2 * int(options.get("pairs", 1))
-        size = config.svd_image_encoder().image_size
+        size = encoder_cfg.image_size
         vae = ModelState(*abstract_state(abstract_vae(vae_cfg), dtype, sharding))
-        encoder = ModelState(*abstract_state(abstract_image_encoder(config.svd_image_encoder()), dtype, sharding))
+        encoder = ModelState(*abstract_state(abstract_image_encoder(encoder_cfg), dtype, sharding))
         keys = jax.ShapeDtypeStruct((keyframes,), jax.random.key(0).dtype, sharding=sharding)
         lowered = _encode.lower(vae, encoder, spec((keyframes, args.height, args.width, 3)),
                                 spec((keyframes, size, size, 3)), keys, None, spec((3,)))
@@ -507,15 +500,16 @@ def main() -> None:
             result["wall_s"] = time.monotonic() - began
             report["results"].append(result)
             print(json.dumps(result)[:600], flush=True)
-            if args.out:
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    if args.command == "calibrate":
-        print(text)
+            _write(report, args.out)  # after every case, so a run cut short keeps what it finished
+        return
+    _write(report, args.out)
+    print(json.dumps(report, indent=2))
+
+
+def _write(report: dict, out: str | None) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

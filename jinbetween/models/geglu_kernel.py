@@ -26,11 +26,9 @@ TILE_ROWS, TILE_COLS, TILE_DEPTH, NUM_WARPS, NUM_STAGES = 128, 64, 64, 4, 3
 
 def geglu_reference(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """XLA's GEGLU of rows `x [M, C]`: (x·W + b) split as [value | gate], value · gelu_erf(gate), in x's dtype."""
-    from jinbetween.models.layers import _gelu_erf_f32
+    from jinbetween.models.layers import geglu_gate
 
-    projected = x @ kernel.astype(x.dtype) + bias.astype(x.dtype)
-    value, gate = jnp.split(projected, 2, axis=-1)
-    return (value.astype(jnp.float32) * _gelu_erf_f32(gate)).astype(x.dtype)
+    return geglu_gate(x @ kernel.astype(x.dtype) + bias.astype(x.dtype))
 
 
 def fits(rows: int, channels: int, inner: int) -> bool:

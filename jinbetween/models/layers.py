@@ -119,6 +119,13 @@ def gelu_erf(x: jax.Array) -> jax.Array:
     return _gelu_erf_f32(x).astype(x.dtype)
 
 
+def geglu_gate(projected: jax.Array) -> jax.Array:
+    """value · gelu_erf(gate) of a GEGLU projection split as [value | gate], the product in float32, returned in
+    the projection's dtype."""
+    value, gate = jnp.split(projected, 2, axis=-1)
+    return (value.astype(jnp.float32) * _gelu_erf_f32(gate)).astype(value.dtype)
+
+
 class GEGLU(nnx.Module):
     """Linear to 2·inner, split as [value | gate], value · gelu_erf(gate), the product in float32.
 
@@ -134,15 +141,15 @@ class GEGLU(nnx.Module):
         if self.impl == "pallas":
             from jinbetween.models import geglu_kernel
 
-            rows, (channels, inner) = x.size // x.shape[-1], (x.shape[-1], self.proj.out_features // 2)
             if not hardware.modern_gpu():
                 raise ConfigError(f"feedforward_impl='pallas' compiles a Triton kernel for NVIDIA GPUs (Ampere or "
                                   f"newer); the backend here is {jax.default_backend()}: use feedforward_impl='xla'.")
+            channels, inner = x.shape[-1], self.proj.out_features // 2
+            rows = x.size // channels
             if geglu_kernel.fits(rows, channels, inner):
                 out = geglu_kernel.geglu_fused(x.reshape(rows, channels), self.proj.kernel[...], self.proj.bias[...])
                 return out.reshape(*x.shape[:-1], inner)
-        value, gate = jnp.split(self.proj(x), 2, axis=-1)
-        return (value.astype(jnp.float32) * _gelu_erf_f32(gate)).astype(value.dtype)
+        return geglu_gate(self.proj(x))
 
 
 class FeedForward(nnx.Module):
