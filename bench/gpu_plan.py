@@ -26,8 +26,8 @@ Cases (SVD-XT, bf16, 25 frames at 576×1024 unless --frames/--height/--width say
   run/METHOD[:pairs=N]             the sampler program of METHOD (i2v, gi, trf, mpd, mpd-seq, vibid) on N pairs
                                    (N videos for i2v), as `interpolate` / `interpolate_batch` run it per device
 
-`:shortcut=0` / `:attention=xla` / `:feedforward=pallas` switch the UNet's kernels and `:xla=PRESET` adds
-bench/perf.py's XLA flags.
+`:shortcut=0` / `:attention=xla` / `:feedforward=pallas` / `:temporal=pallas` switch the UNet's kernels and
+`:xla=PRESET` adds bench/perf.py's XLA flags; a case may take several (`unet/b2:feedforward=pallas,temporal=pallas`).
 `calibrate` joins a device trace (`perf.py profile --trace-dir`) with its optimized HLO: the time and bytes of each
 memory-bound kernel, hence the rate at which they run, for turning bytes here into milliseconds there.
 """
@@ -46,10 +46,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python bench/gpu_plan.py` from anywhere finds `bench.perf` and `jinbetween`
+    sys.path.insert(0, str(ROOT))
 TARGETS = {path.stem: path for path in sorted((ROOT / "bench" / "gpu_targets").glob("*.txtpb"))}
 METHOD_NAMES = ("i2v", "gi", "trf", "mpd", "mpd-seq", "vibid")
-CASE_OPTIONS = {"unet": {"attention", "shortcut", "feedforward", "xla"}, "vae": {"chunk", "lean", "xla"},
-                "run": {"attention", "shortcut", "feedforward", "xla", "pairs"}, "encode": {"pairs", "xla"}}
+_UNET_OPTIONS = {"attention", "shortcut", "feedforward", "temporal", "xla"}
+CASE_OPTIONS = {"unet": _UNET_OPTIONS, "vae": {"chunk", "lean", "xla"}, "run": _UNET_OPTIONS | {"pairs"},
+                "encode": {"pairs", "xla"}}
 # Without autotuning, XLA's Triton matmul emitter finds no tiling for some of the UNet's shapes: send every matmul
 # to cuBLAS, which is what the H200's autotuner picked for all of the UNet's large matmuls (bench/NOTES.md).
 DEVICELESS_FLAGS = "--xla_gpu_enable_triton_gemm=false --xla_gpu_autotune_level=0"
@@ -478,6 +481,8 @@ def main() -> None:
     parser.add_argument("--hlo", help="calibrate: the optimized HLO of a profiled program (.hlo.txt.gz)")
     parser.add_argument("--trace", help="calibrate: its device trace (.trace.json.gz)")
     args = parser.parse_args()
+    from bench import perf
+
     if args.command == "case":
         print(json.dumps(compile_case(args.case, args)))
         return
@@ -489,12 +494,12 @@ def main() -> None:
             raise SystemExit("calibrate needs --hlo and --trace (bench/perf.py profile --trace-dir writes both)")
         report = calibrate(args.hlo, args.trace)
     else:
-        for case in args.cases.split(","):
+        for case in perf.split_cases(args.cases):
             parse_case(case)
         report = {"what": "bench/gpu_plan.py plan (deviceless compile)", "target": args.target,
                   "frames": args.frames, "image": [args.height, args.width], "steps_override": args.steps,
                   "started": time.strftime("%Y-%m-%d %H:%M:%S"), "results": []}
-        for case in args.cases.split(","):
+        for case in perf.split_cases(args.cases):
             began = time.monotonic()
             result = run_child(case, args)
             result["wall_s"] = time.monotonic() - began

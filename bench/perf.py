@@ -20,9 +20,9 @@ Random weights (speed and memory do not depend on their values); SVD-XT, 25 fram
 set otherwise; methods at their defaults (`--steps` overrides, for smoke runs). JAX: compiled ahead of time
 (compile seconds apart), then the median of `--repeats` calls after one warm-up call; run cases time the
 keyframe encoding and the decode (first call apart, then `--run-repeats` calls) and `--run-repeats` executions
-of the sampler, compiled ahead of time. Options: `:attention=xla` / `:shortcut=0` / `:feedforward=pallas` switch
-the UNet's kernels, `:xla=PRESET` adds XLA flags (XLA_PRESETS), `:decode_chunks=8+all` decodes a run with each
-chunk size in turn.
+of the sampler, compiled ahead of time. Options: `:attention=xla` / `:shortcut=0` / `:feedforward=pallas` /
+`:temporal=pallas` switch the UNet's kernels, `:xla=PRESET` adds XLA flags (XLA_PRESETS), `:decode_chunks=8+all`
+decodes a run with each chunk size in turn; a case may take several, comma-separated.
 Torch: the first call
 (torch.compile's compilation included) apart, then the median. Peak memory: `memory_stats()
 ["peak_bytes_in_use"]` / `torch.cuda.max_memory_allocated()`, weights included. FLOPs are counted, not
@@ -55,7 +55,8 @@ SETS = {
                  "run/jax/trf", "run/jax/mpd-seq"],
     "profile": ["profile/jax/unet-b2", "profile/torch-eager/unet-b2"],
     # Ordered by what the profile suggests (bench/NOTES.md): removing the GEGLU gate pass first.
-    "variants": ["unet/jax/b2:feedforward=pallas", "unet/jax/b2:xla=triton-gemm-any",
+    "variants": ["unet/jax/b2:feedforward=pallas", "unet/jax/b2:temporal=pallas",
+                 "unet/jax/b2:feedforward=pallas,temporal=pallas", "unet/jax/b2:xla=triton-gemm-any",
                  "unet/jax/b2:xla=cudnn-gemm-fusion",
                  "unet/jax/b2:xla=no-triton-gemm", "unet/jax/b2:xla=cudnn-layer-norm", "unet/jax/b2:shortcut=0",
                  "unet/jax/b2:attention=xla_chunked", "run/jax/vibid:progress=1"],
@@ -69,7 +70,7 @@ XLA_PRESETS = {
     "no-command-buffer": "--xla_gpu_enable_command_buffer=",  # no CUDA graphs
 }
 # Options a case accepts, by kind (jinbetween's UNet switches apply wherever its UNet runs).
-_UNET_OPTIONS = {"attention", "shortcut", "feedforward", "xla"}
+_UNET_OPTIONS = {"attention", "shortcut", "feedforward", "temporal", "xla"}
 CASE_OPTIONS = {"unet": _UNET_OPTIONS, "vae": {"lean", "chunk", "xla"}, "profile": _UNET_OPTIONS,
                 "run": _UNET_OPTIONS | {"decode_chunks", "progress"}}
 METHOD_NAMES = ("i2v", "gi", "trf", "mpd", "mpd-seq", "vibid")
@@ -101,9 +102,15 @@ def parse_case(text: str) -> tuple[str, str, str, dict[str, str]]:
     return kind, impl, target, options
 
 
+def split_cases(text: str) -> list[str]:
+    """Cases of a comma-separated list, where a case's own options are comma-separated too: a new case starts at
+    each comma followed by `kind/` (`unet/jax/b2:feedforward=pallas,temporal=pallas,vae/jax` is two cases)."""
+    return [case for case in re.split(r",(?=[\w-]+/)", text) if case]
+
+
 def apply_options(sizes: "Sizes", options: dict[str, str]) -> None:
-    """Sets the UNet switches a case names (`attention=`, `shortcut=`, `feedforward=`) and its XLA flags (`xla=`,
-    before the backend starts)."""
+    """Sets the UNet switches a case names (`attention=`, `shortcut=`, `feedforward=`, `temporal=`) and its XLA
+    flags (`xla=`, before the backend starts)."""
     if "xla" in options:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_PRESETS[options['xla']]}".strip()
     overrides = {}
@@ -113,6 +120,8 @@ def apply_options(sizes: "Sizes", options: dict[str, str]) -> None:
         overrides["cross_attention_shortcut"] = options["shortcut"] != "0"
     if "feedforward" in options:
         overrides["feedforward_impl"] = options["feedforward"]
+    if "temporal" in options:
+        overrides["temporal_attention_impl"] = options["temporal"]
     sizes.unet = sizes.unet.replace(**overrides)
 
 
@@ -609,6 +618,7 @@ def torch_profile(sizes: Sizes, target: str) -> dict:
 # Profile summaries.
 
 _CATEGORIES = [  # (category, pattern): the first match names a kernel's category
+    ("pallas kernel", r"pallas"),  # jinbetween's own Triton kernels, named pallas_*
     ("attention", r"sdpa|fmha|flash|attention"),
     ("gemm (XLA triton)", r"triton_gemm|gemm_fusion|__triton_gemm"),
     ("transpose / copy", r"transpose|copy|memcpy|memset|concatenate|\bcat\b|permute|dynamic.update.slice"),
@@ -778,7 +788,7 @@ def run_child(case: str, args) -> dict:
 
 
 def drive(args) -> dict:
-    cases = args.cases.split(",") if args.cases else SETS[args.command]
+    cases = split_cases(args.cases) if args.cases else SETS[args.command]
     for case in cases:
         if "xla" in parse_case(case)[3] and args.in_process:
             raise SystemExit(f"case {case!r} sets XLA flags, which apply only in a process of its own: drop "

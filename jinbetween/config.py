@@ -21,6 +21,7 @@ UP_BLOCK_TYPES = (CROSS_ATTN_UP, UP)
 
 ATTENTION_IMPLS = ("auto", "xla", "xla_chunked", "cudnn")
 FEEDFORWARD_IMPLS = ("xla", "pallas")
+TEMPORAL_ATTENTION_IMPLS = ("xla", "pallas")
 
 GROUPNORM_GROUPS = 32
 
@@ -36,7 +37,9 @@ class UNetConfig:
     `cross_attention_shortcut` replaces attention over a single context token by the exactly equal
     to_out(to_v(context)) broadcast (softmax over one key is 1). `feedforward_impl="pallas"` runs each GEGLU's
     projection and gate as one Triton kernel on an NVIDIA GPU (`models/geglu_kernel.py`; experimental, not yet
-    timed against XLA's "xla").
+    timed against XLA's "xla"). `temporal_attention_impl="pallas"` runs the core of each temporal self-attention
+    (logits, softmax, probabilities·v, and GI's captured or injected maps) as one Triton kernel
+    (`models/temporal_attention_kernel.py`; experimental, not yet timed).
     """
 
     in_channels: int = 8
@@ -55,6 +58,7 @@ class UNetConfig:
     attention_impl: str = "auto"
     cross_attention_shortcut: bool = True
     feedforward_impl: str = "xla"
+    temporal_attention_impl: str = "xla"
 
     def __post_init__(self):
         n = len(self.down_block_types)
@@ -83,6 +87,9 @@ class UNetConfig:
             raise ConfigError(f"attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}.")
         if self.feedforward_impl not in FEEDFORWARD_IMPLS:
             raise ConfigError(f"feedforward_impl={self.feedforward_impl!r}; choose one of {FEEDFORWARD_IMPLS}.")
+        if self.temporal_attention_impl not in TEMPORAL_ATTENTION_IMPLS:
+            raise ConfigError(f"temporal_attention_impl={self.temporal_attention_impl!r}; choose one of "
+                              f"{TEMPORAL_ATTENTION_IMPLS}.")
 
     @property
     def num_ids(self) -> int:
@@ -117,7 +124,7 @@ class UNetConfig:
         return _to_dict(self, "UNetSpatioTemporalConditionModel", _UNET_RUNTIME_FIELDS)
 
 
-_UNET_RUNTIME_FIELDS = ("attention_impl", "cross_attention_shortcut", "feedforward_impl")
+_UNET_RUNTIME_FIELDS = ("attention_impl", "cross_attention_shortcut", "feedforward_impl", "temporal_attention_impl")
 _VAE_RUNTIME_FIELDS = ("attention_impl", "lean_decode")
 _PER_BLOCK_FIELDS = ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block", "num_attention_heads")
 

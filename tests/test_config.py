@@ -44,9 +44,11 @@ def test_diffusers_defaults_equal_svd_xt():
 
 def test_runtime_switches_are_not_architecture():
     cfg = config.UNetConfig.from_diffusers(SVD_XT_JSON, attention_impl="xla", cross_attention_shortcut=False,
-                                           feedforward_impl="pallas")
+                                           feedforward_impl="pallas", temporal_attention_impl="pallas")
     assert cfg.attention_impl == "xla" and not cfg.cross_attention_shortcut and cfg.feedforward_impl == "pallas"
-    assert not {"attention_impl", "cross_attention_shortcut", "feedforward_impl"} & set(cfg.to_diffusers())
+    assert cfg.temporal_attention_impl == "pallas"
+    switches = {"attention_impl", "cross_attention_shortcut", "feedforward_impl", "temporal_attention_impl"}
+    assert not switches & set(cfg.to_diffusers())
 
 
 def test_unsupported_block_type_is_named():
@@ -76,6 +78,7 @@ def test_nested_transformer_layers_are_refused():
     (dict(layers_per_block=(2, 2)), "entries but there are 4 down blocks"),
     (dict(attention_impl="flash"), "attention_impl"),
     (dict(feedforward_impl="triton"), "feedforward_impl"),
+    (dict(temporal_attention_impl="cudnn"), "temporal_attention_impl"),
 ])
 def test_inconsistent_configs_are_refused(change, message):
     with pytest.raises(ConfigError, match=message):

@@ -98,6 +98,15 @@ def test_categories_of_typical_kernel_names():
     assert perf.categorize("loop_convert_fusion_3") == "elementwise fusion"
     assert perf.categorize("input_reduce_fusion_12") == "reduction fusion"
     assert perf.categorize("transpose_fusion") == "transpose / copy"
+    assert perf.categorize("pallas_temporal_attention_capture") == "pallas kernel"
+
+
+def test_cases_split_where_a_new_case_starts():
+    text = "unet/jax/b2:feedforward=pallas,temporal=pallas,vae/jax,run/jax/mpd-seq:xla=no-triton-gemm"
+    assert perf.split_cases(text) == ["unet/jax/b2:feedforward=pallas,temporal=pallas", "vae/jax",
+                                      "run/jax/mpd-seq:xla=no-triton-gemm"]
+    assert perf.parse_case("unet/jax/b2:feedforward=pallas,temporal=pallas")[3] == {"feedforward": "pallas",
+                                                                                    "temporal": "pallas"}
 
 
 @pytest.mark.parametrize("case", ["unet/jax", "disk/jax/b2", "unet/jax/b2:lean", "unet/jax/b2:lean=0",

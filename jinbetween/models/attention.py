@@ -169,30 +169,54 @@ class Attention(nnx.Module):
 class TemporalSelfAttention(Attention):
     """Self-attention over frames with explicit probabilities, so maps can be captured or injected.
 
-    `name` is the layer's diffusers path, the key of its map in `AttnControl` dicts.
+    `name` is the layer's diffusers path, the key of its map in `AttnControl` dicts. `impl="pallas"` computes the
+    attention core (logits, softmax, probabilities·v, the captured or injected maps) in one Triton kernel on an
+    NVIDIA GPU (`temporal_attention_kernel`) wherever it takes the shapes, and through XLA elsewhere; both compute
+    the same arithmetic.
     """
 
-    def __init__(self, dim: int, *, heads: int, head_dim: int, name: str, rngs: nnx.Rngs):
+    def __init__(self, dim: int, *, heads: int, head_dim: int, name: str, impl: str = "xla", rngs: nnx.Rngs):
         super().__init__(dim, heads=heads, head_dim=head_dim, rngs=rngs)
         self.name = name
+        self.core_impl = impl
+
+    def _uses_kernel(self, frames: int) -> bool:
+        if self.core_impl != "pallas":
+            return False
+        if not hardware.modern_gpu():
+            raise ConfigError(f"temporal_attention_impl='pallas' compiles a Triton kernel for NVIDIA GPUs (Ampere "
+                              f"or newer); the backend here is {jax.default_backend()}: use "
+                              "temporal_attention_impl='xla'.")
+        from jinbetween.models import temporal_attention_kernel
+
+        return temporal_attention_kernel.fits(frames, self.head_dim)
 
     def probabilities(self, x: jax.Array) -> jax.Array:
         """Returns softmax(q·kᵀ/√d) `[N, heads, F, F]` for `x [N, F, C]`, computed in float32."""
-        q, k = self._split_heads(self.to_q(x)), self._split_heads(self.to_k(x))
-        logits = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32)
-        return jax.nn.softmax(logits * (self.head_dim ** -0.5), axis=-1)
+        from jinbetween.models.temporal_attention_kernel import probs_reference
+
+        return probs_reference(self.to_q(x), self.to_k(x), self.heads)
 
     def __call__(self, x: jax.Array, attn: AttnControl = NO_CONTROL) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Returns (`[N, F, C]`, captured maps) for `x [N, F, C]`."""
+        from jinbetween.models import temporal_attention_kernel as core
+
         probs = attn.injected(self.name)
         expected = (x.shape[0], self.heads, x.shape[1], x.shape[1])
-        if probs is None:
-            probs = self.probabilities(x)
-        elif probs.shape != expected:
+        if probs is not None and probs.shape != expected:
             raise InputShapeError(f"Injected map for {self.name} has shape {probs.shape}, expected {expected} "
                                   "([B·h·w, heads, F, F]); capture maps from a call with the same shapes.")
-        v = self._split_heads(self.to_v(x))
-        out = jnp.einsum("nhqk,nkhd->nqhd", probs.astype(v.dtype), v)
-        out = self.to_out[0](out.reshape(*out.shape[:-2], -1))
-        captured = {self.name: probs.astype(x.dtype)} if attn.captures(self.name) else {}
-        return out, captured
+        kernel = self._uses_kernel(x.shape[1])
+        v = self.to_v(x)
+        captured = {}
+        if probs is not None:  # GI's other direction: no queries or keys
+            out = core.apply_probs(probs, v) if kernel else core.apply_probs_reference(probs, v)
+        else:
+            q, k = self.to_q(x), self.to_k(x)
+            if attn.captures(self.name):
+                capture = core.attend_capture if kernel else core.attend_capture_reference
+                out, maps = capture(q, k, v, self.heads)
+                captured = {self.name: maps.astype(x.dtype)}
+            else:
+                out = (core.attend if kernel else core.attend_reference)(q, k, v, self.heads)
+        return self.to_out[0](out), captured

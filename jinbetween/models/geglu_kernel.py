@@ -91,6 +91,7 @@ def _fused(x: jax.Array, kernel: jax.Array, bias: jax.Array, interpret: bool) ->
         out_shape=jax.ShapeDtypeStruct((rows, inner), x.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
         interpret=interpret,
+        name="pallas_geglu",
     )(x, kernel, kernel, bias, bias)
 
 

@@ -28,8 +28,8 @@ def _transformers(cfg: UNetConfig, level: int, count: int, channels: int, prefix
         TransformerSpatioTemporalModel(
             channels, heads=cfg.num_attention_heads[level], context_dim=cfg.cross_attention_dim[level],
             num_layers=cfg.transformer_layers_per_block[level], impl=cfg.attention_impl,
-            shortcut=cfg.cross_attention_shortcut, ff_impl=cfg.feedforward_impl, name=f"{prefix}.attentions.{j}",
-            rngs=rngs)
+            shortcut=cfg.cross_attention_shortcut, ff_impl=cfg.feedforward_impl,
+            temporal_impl=cfg.temporal_attention_impl, name=f"{prefix}.attentions.{j}", rngs=rngs)
         for j in range(count)])
 
 
@@ -212,8 +212,8 @@ class UNet(nnx.Module):
     def from_pretrained(cls, path: str | os.PathLike, *, dtype=jnp.float32, **runtime) -> "UNet":
         """Loads a diffusers `unet/` folder, an SVD pipeline folder, or a converted jinbetween dir.
 
-        `runtime` overrides config switches such as `attention_impl`, `cross_attention_shortcut` or
-        `feedforward_impl`.
+        `runtime` overrides config switches such as `attention_impl`, `cross_attention_shortcut`,
+        `feedforward_impl` or `temporal_attention_impl`.
         """
         from jinbetween.conversion import UNET_COMPONENT, load_component
 
