@@ -205,6 +205,19 @@ def test_fused_geglu_kernel_matches_xla_and_its_gradient():
         assert_close(fused, xla, TOL, f"fused GEGLU gradient of {name}")
 
 
+def test_fused_geglu_kernel_lowers_to_triton_for_a_gpu():
+    """Lowered for CUDA on this CPU at SVD-XT's level-0 shape: Pallas' Triton lowering accepts the program, and the
+    GPU program is one Triton call (its compilation for the H200: `bench/gpu_plan.py`)."""
+    from jinbetween.models.geglu_kernel import geglu_fused
+
+    rows, channels = 2 * 25 * 72 * 128, 320
+    args = (jax.ShapeDtypeStruct((rows, channels), jnp.bfloat16),
+            jax.ShapeDtypeStruct((channels, 8 * channels), jnp.bfloat16),
+            jax.ShapeDtypeStruct((8 * channels,), jnp.bfloat16))
+    text = jax.jit(geglu_fused).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1 and "pallas_geglu" in text
+
+
 def test_feedforward_pallas_runs_the_kernel_where_tiles_fit(monkeypatch):
     """`impl="pallas"` routes a GEGLU whose rows, channels and inner width the tiles divide through the kernel
     (here interpreted, as the GPU is pretended), and any other through XLA; both equal XLA's feed-forward."""

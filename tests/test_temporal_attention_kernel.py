@@ -1,7 +1,8 @@
 """The Pallas temporal-attention kernel (`models/temporal_attention_kernel.py`) against the XLA path.
 
-The kernel's program runs in Pallas' interpreter here (its arithmetic, masks and padding, not its Triton
-compilation, which `bench/gpu_plan.py` checks for the H200). Tolerance 1e-5 relative in float32: both paths
+The kernel's program runs in Pallas' interpreter here (its arithmetic, masks and padding); its lowering to Triton
+for a GPU is checked too (cross-platform lowering runs on a CPU), and its compilation for the H200 by
+`bench/gpu_plan.py`. Tolerance 1e-5 relative in float32: both paths
 compute float32 logits, a float32 softmax and float32 accumulations, only the order of the sums differs (~1e-7).
 In bfloat16 both round the same float32 results, so they may differ by one bf16 ulp (2⁻⁸ relative): 1e-2.
 """
@@ -78,6 +79,24 @@ def test_gradients_are_the_xla_paths():
         want = jax.grad(total(reference), argnums=tuple(range(len(args))))(*args)
         for g, w, i in zip(got, want, range(len(args))):
             assert_close(g, w, TOL, f"{what}: gradient of argument {i}")
+
+
+@pytest.mark.parametrize("mode", ["attend", "capture", "apply"])
+def test_kernel_lowers_to_triton_for_a_gpu(mode):
+    """Lowered for CUDA on this CPU: Pallas' Triton lowering accepts the program at SVD-XT's level-0 shapes (it
+    refuses, e.g., tiles whose size is not a power of two), and the GPU program is one Triton call."""
+    n, frames, heads, channels = 18432, 25, 5, 320
+
+    def spec(*shape):
+        return jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+
+    fn, args = {
+        "attend": (lambda q, k, v: core.attend(q, k, v, heads), (spec(n, frames, channels),) * 3),
+        "capture": (lambda q, k, v: core.attend_capture(q, k, v, heads), (spec(n, frames, channels),) * 3),
+        "apply": (core.apply_probs, (spec(n, heads, frames, frames), spec(n, frames, channels))),
+    }[mode]
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1 and f"pallas_temporal_attention_{mode}" in text
 
 
 def test_fits_and_refuses_what_it_cannot_take():
