@@ -20,7 +20,8 @@ Set-up, in a virtual environment of its own (JAX's CUDA wheels are ~5 GB; no GPU
 
 Cases (SVD-XT, bf16, 25 frames at 576×1024 unless --frames/--height/--width say otherwise):
 
-  unet/b1, unet/b2                 one UNet forward on B videos (B=2: one CFG call)
+  unet/b1, unet/b2[:maps=capture]  one UNet forward on B videos (B=2: one CFG call); `maps=capture|inject`: as
+                                   GI's two directions run it
   vae/decode[:chunk=8,lean=0]      the decode of one video's latents
   encode/keyframes[:pairs=N]       the VAE and CLIP encoding of N pairs' keyframes, as `interpolate` batches them
   run/METHOD[:pairs=N]             the sampler program of METHOD (i2v, gi, trf, mpd, mpd-seq, vibid) on N pairs
@@ -51,7 +52,7 @@ if str(ROOT) not in sys.path:  # `python bench/gpu_plan.py` from anywhere finds 
 TARGETS = {path.stem: path for path in sorted((ROOT / "bench" / "gpu_targets").glob("*.txtpb"))}
 METHOD_NAMES = ("i2v", "gi", "trf", "mpd", "mpd-seq", "vibid")
 _UNET_OPTIONS = {"attention", "shortcut", "feedforward", "temporal", "xla"}
-CASE_OPTIONS = {"unet": _UNET_OPTIONS, "vae": {"chunk", "lean", "xla"}, "run": _UNET_OPTIONS | {"pairs"},
+CASE_OPTIONS = {"unet": _UNET_OPTIONS | {"maps"}, "vae": {"chunk", "lean", "xla"}, "run": _UNET_OPTIONS | {"pairs"},
                 "encode": {"pairs", "xla"}}
 # Without autotuning, XLA's Triton matmul emitter finds no tiling for some of the UNet's shapes: send every matmul
 # to cuBLAS, which is what the H200's autotuner picked for all of the UNet's large matmuls (bench/NOTES.md).
@@ -341,7 +342,6 @@ def abstract_state(module, dtype, sharding):
 
 
 def compile_case(case: str, args) -> dict:
-    import functools
 
     import jax
     import jax.numpy as jnp
@@ -349,7 +349,7 @@ def compile_case(case: str, args) -> dict:
     from bench import perf
     from jinbetween import hardware
     from jinbetween.conditioning import Conditioning
-    from jinbetween.models import abstract_unet, abstract_vae, unet_apply
+    from jinbetween.models import abstract_unet, abstract_vae
     from jinbetween.models.state import ModelState
 
     kind, target, options = parse_case(case)
@@ -371,10 +371,11 @@ def compile_case(case: str, args) -> dict:
     if kind == "unet":
         batch = int(target.removeprefix("b"))
         graphdef, state = abstract_state(abstract_unet(unet_cfg), dtype, sharding)
-        fn = functools.partial(unet_apply, graphdef)
-        inputs = (state, spec((batch, args.frames, h, w, unet_cfg.in_channels)), spec((batch,)),
+        inputs = (spec((batch, args.frames, h, w, unet_cfg.in_channels)), spec((batch,)),
                   spec((batch, 1, unet_cfg.cross_attention_dim[0])), spec((batch, 3)))
-        lowered = jax.jit(fn).lower(*inputs)
+        fn, maps = perf.unet_forward(graphdef, state, inputs, options.get("maps"))
+        maps = jax.tree.map(lambda s: spec(s.shape, s.dtype), maps)
+        lowered = jax.jit(fn).lower(state, *inputs, *maps)
     elif kind == "vae":
         from jinbetween.models.vae import _decode_video
 

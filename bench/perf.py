@@ -22,7 +22,9 @@ set otherwise; methods at their defaults (`--steps` overrides, for smoke runs). 
 keyframe encoding and the decode (first call apart, then `--run-repeats` calls) and `--run-repeats` executions
 of the sampler, compiled ahead of time. Options: `:attention=xla` / `:shortcut=0` / `:feedforward=pallas` /
 `:temporal=pallas` switch the UNet's kernels, `:xla=PRESET` adds XLA flags (XLA_PRESETS), `:decode_chunks=8+all`
-decodes a run with each chunk size in turn; a case may take several, comma-separated.
+decodes a run with each chunk size in turn, `:maps=capture` / `:maps=inject` time a JAX UNet case as GI's two
+directions run it (capturing every temporal layer's attention maps; taking them instead of computing its own);
+a case may take several options, comma-separated.
 Torch: the first call
 (torch.compile's compilation included) apart, then the median. Peak memory: `memory_stats()
 ["peak_bytes_in_use"]` / `torch.cuda.max_memory_allocated()`, weights included. FLOPs are counted, not
@@ -56,7 +58,9 @@ SETS = {
     "profile": ["profile/jax/unet-b2", "profile/torch-eager/unet-b2"],
     # Ordered by what the profile suggests (bench/NOTES.md): removing the GEGLU gate pass first.
     "variants": ["unet/jax/b2:feedforward=pallas", "unet/jax/b2:temporal=pallas",
-                 "unet/jax/b2:feedforward=pallas,temporal=pallas", "unet/jax/b2:xla=triton-gemm-any",
+                 "unet/jax/b2:feedforward=pallas,temporal=pallas", "unet/jax/b2:maps=capture",
+                 "unet/jax/b2:maps=inject", "unet/jax/b2:maps=capture,temporal=pallas",
+                 "unet/jax/b2:maps=inject,temporal=pallas", "unet/jax/b2:xla=triton-gemm-any",
                  "unet/jax/b2:xla=cudnn-gemm-fusion",
                  "unet/jax/b2:xla=no-triton-gemm", "unet/jax/b2:xla=cudnn-layer-norm", "unet/jax/b2:shortcut=0",
                  "unet/jax/b2:attention=xla_chunked", "run/jax/vibid:progress=1"],
@@ -71,7 +75,7 @@ XLA_PRESETS = {
 }
 # Options a case accepts, by kind (jinbetween's UNet switches apply wherever its UNet runs).
 _UNET_OPTIONS = {"attention", "shortcut", "feedforward", "temporal", "xla"}
-CASE_OPTIONS = {"unet": _UNET_OPTIONS, "vae": {"lean", "chunk", "xla"}, "profile": _UNET_OPTIONS,
+CASE_OPTIONS = {"unet": _UNET_OPTIONS | {"maps"}, "vae": {"lean", "chunk", "xla"}, "profile": _UNET_OPTIONS | {"maps"},
                 "run": _UNET_OPTIONS | {"decode_chunks", "progress"}}
 METHOD_NAMES = ("i2v", "gi", "trf", "mpd", "mpd-seq", "vibid")
 
@@ -226,13 +230,45 @@ def unet_inputs(sizes: Sizes, batch: int):
     return x, c_noise, embeds, ids
 
 
-def counted_unet_flops(sizes: Sizes, batch: int) -> float:
+def unet_forward(graphdef, state, inputs, maps: str | None):
+    """(function of (state, *inputs, *map_args), map_args as ShapeDtypeStructs) of one UNet forward: plain, or one
+    of GI's two directions (`maps="capture"` also returns every temporal self-attention layer's maps,
+    `maps="inject"` takes them, a dict, in place of its own, skipping those layers' queries and keys)."""
+    import jax
+
+    from jinbetween.models import AttnControl, unet_apply
+
+    if maps is None:
+        return functools.partial(unet_apply, graphdef), ()
+    if maps == "capture":
+        return lambda s, *i: unet_apply(graphdef, s, *i, attn=AttnControl.capture()), ()
+    if maps != "inject":
+        raise SystemExit(f"maps={maps!r}: choose capture or inject")
+    _, shapes = jax.eval_shape(lambda s, *i: unet_apply(graphdef, s, *i, attn=AttnControl.capture()), state, *inputs)
+
+    def inject(s, *inputs_and_maps):
+        return unet_apply(graphdef, s, *inputs_and_maps[:-1], attn=AttnControl.inject(inputs_and_maps[-1]))
+
+    return inject, (shapes,)
+
+
+def random_maps(shapes: dict) -> dict:
+    """Attention maps of the given shapes: softmaxes of random logits."""
+    import jax
+
+    keys = jax.random.split(jax.random.key(11), len(shapes))
+    return {name: jax.nn.softmax(jax.random.normal(key, shape.shape), axis=-1).astype(shape.dtype)
+            for key, (name, shape) in zip(keys, sorted(shapes.items()))}
+
+
+def counted_unet_flops(sizes: Sizes, batch: int, maps: str | None = None) -> float:
     """FLOPs of one forward, counted on the XLA attention kernel (a fused kernel is one opaque call)."""
     from jinbetween.flops import count_flops
-    from jinbetween.models import unet_apply
 
     graphdef, state = counting_model(sizes.unet, jax_dtype(sizes))
-    return count_flops(functools.partial(unet_apply, graphdef), state, *unet_inputs(sizes, batch)).total
+    inputs = unet_inputs(sizes, batch)
+    forward, extra = unet_forward(graphdef, state, inputs, maps)
+    return count_flops(forward, state, *inputs, *extra).total
 
 
 def counted_decode_flops(sizes: Sizes, chunk: int, lean: bool) -> float:
@@ -246,21 +282,23 @@ def counted_decode_flops(sizes: Sizes, chunk: int, lean: bool) -> float:
     return count_flops(lambda s, z: _decode_video(graphdef, s, z, chunk), state, latents).total
 
 
-def jax_unet(sizes: Sizes, batch: int, repeats: int) -> dict:
+def jax_unet(sizes: Sizes, batch: int, repeats: int, maps: str | None = None) -> dict:
     import jax
     from flax import nnx
 
-    from jinbetween.models import abstract_unet, unet_apply
+    from jinbetween.models import abstract_unet
 
     unet = random_module(abstract_unet(sizes.unet), 0, jax_dtype(sizes))
     graphdef, state = nnx.split(unet)
     inputs = unet_inputs(sizes, batch)
+    forward, extra = unet_forward(graphdef, state, inputs, maps)
+    extra = tuple(random_maps(shapes) for shapes in extra)
     start = time.perf_counter()
-    compiled = jax.jit(functools.partial(unet_apply, graphdef)).lower(state, *inputs).compile()
+    compiled = jax.jit(forward).lower(state, *inputs, *extra).compile()
     compile_s = time.perf_counter() - start
     result = {"compile_s": compile_s,
-              **timed_calls(lambda: jax.block_until_ready(compiled(state, *inputs)), repeats)}
-    return with_rate(result, counted_unet_flops(sizes, batch))
+              **timed_calls(lambda: jax.block_until_ready(compiled(state, *inputs, *extra)), repeats)}
+    return with_rate(result, counted_unet_flops(sizes, batch, maps))
 
 
 def jax_vae(sizes: Sizes, options: dict, repeats: int) -> dict:
@@ -425,7 +463,7 @@ def jax_run(sizes: Sizes, method: str, options: dict, repeats: int, steps: int |
     return with_rate(result, sum(flops.values()))
 
 
-def jax_profile(sizes: Sizes, target: str, trace_dir: str | None) -> dict:
+def jax_profile(sizes: Sizes, target: str, trace_dir: str | None, maps: str | None = None) -> dict:
     """Per-kernel time of one warm UNet forward (`unet-b1` / `unet-b2`) from JAX's profiler trace; with `trace_dir`,
     the trace and the optimized HLO are copied there."""
     import gzip
@@ -435,13 +473,15 @@ def jax_profile(sizes: Sizes, target: str, trace_dir: str | None) -> dict:
     import jax
     from flax import nnx
 
-    from jinbetween.models import abstract_unet, unet_apply
+    from jinbetween.models import abstract_unet
 
     batch = int(target.removeprefix("unet-b"))
     unet = random_module(abstract_unet(sizes.unet), 0, jax_dtype(sizes))
     graphdef, state = nnx.split(unet)
     inputs = unet_inputs(sizes, batch)
-    forward = jax.jit(functools.partial(unet_apply, graphdef)).lower(state, *inputs).compile()
+    function, extra = unet_forward(graphdef, state, inputs, maps)
+    inputs = (*inputs, *(random_maps(shapes) for shapes in extra))
+    forward = jax.jit(function).lower(state, *inputs).compile()
     for _ in range(2):
         jax.block_until_ready(forward(state, *inputs))
     folder = tempfile.mkdtemp(prefix="jaxprof")
@@ -453,9 +493,10 @@ def jax_profile(sizes: Sizes, target: str, trace_dir: str | None) -> dict:
     summary = summarize_jax_trace(trace)
     if trace_dir:
         Path(trace_dir).mkdir(parents=True, exist_ok=True)
-        shutil.copy(trace, Path(trace_dir) / f"jax_{target}.trace.json.gz")
+        name = f"jax_{target}" + (f"_{maps}" if maps else "")
+        shutil.copy(trace, Path(trace_dir) / f"{name}.trace.json.gz")
         # The optimized HLO names every fusion the trace shows (which ops each kernel runs).
-        (Path(trace_dir) / f"jax_{target}.hlo.txt.gz").write_bytes(gzip.compress(forward.as_text().encode()))
+        (Path(trace_dir) / f"{name}.hlo.txt.gz").write_bytes(gzip.compress(forward.as_text().encode()))
     return {"wall_s_under_profiler": wall, **summary}
 
 
@@ -727,7 +768,7 @@ def run_case(case: str, args) -> dict:
         import jax.numpy as jnp
 
         if kind == "unet":
-            result = jax_unet(sizes, int(target.removeprefix("b")), args.repeats)
+            result = jax_unet(sizes, int(target.removeprefix("b")), args.repeats, options.get("maps"))
         elif kind == "vae":
             result = jax_vae(sizes, options, args.repeats)
         elif kind == "run":
@@ -735,7 +776,7 @@ def run_case(case: str, args) -> dict:
                 raise SystemExit(f"unknown method {target!r}; choose one of {METHOD_NAMES}")
             result = jax_run(sizes, target, options, args.run_repeats, args.steps)
         else:
-            result = jax_profile(sizes, target, args.trace_dir)
+            result = jax_profile(sizes, target, args.trace_dir, options.get("maps"))
         import jax
 
         stats = jax.devices()[0].memory_stats() or {}
