@@ -342,7 +342,6 @@ def abstract_state(module, dtype, sharding):
 
 
 def compile_case(case: str, args) -> dict:
-
     import jax
     import jax.numpy as jnp
 
