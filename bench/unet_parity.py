@@ -76,8 +76,11 @@ def main() -> None:
                              "make XLA's autotuner pick cuDNN algorithms whose scratch totals ~240 GB; "
                              "XLA_FLAGS=--xla_gpu_autotune_level=0 keeps the default algorithms (12 GB, ~2 min per "
                              "call). 'high' and 'default' are faster and ~1e-3 off")
+    parser.add_argument("--switches", default="", help="jinbetween's UNet runtime switches, e.g. "
+                        "feedforward_impl=pallas,temporal_attention_impl=pallas (the Pallas kernels; bf16 only)")
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args()
+    switches = dict(item.split("=", 1) for item in args.switches.split(",") if item)
     jax.config.update("jax_default_matmul_precision", args.precision)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -124,7 +127,7 @@ def main() -> None:
 
     for dtype_name in args.dtypes.split(","):
         dtype = DTYPES[dtype_name]
-        abstract = abstract_unet(cfg)
+        abstract = abstract_unet(cfg.replace(**switches))
         unet = merge_params(abstract, convert_tensors(TensorSource.from_arrays(state), flat_params(abstract),
                                                       model="UNet", dtype=dtype))
         graphdef, params = nnx.split(unet)
@@ -158,7 +161,7 @@ def main() -> None:
             "dtype": dtype_name,
             "mode": ("one jit per block" if dtype_name in args.per_block.split(",") else
                      "eager (op by op)" if compile_s is None else "jit"),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "matmul_precision": args.precision,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "matmul_precision": args.precision, "switches": switches,
             "NVIDIA_TF32_OVERRIDE": os.environ.get("NVIDIA_TF32_OVERRIDE"),
             "spatial_attention_kernel": resolve_attention_impl(cfg.attention_impl, dtype, cfg.block_out_channels[0]
                                                                // cfg.num_attention_heads[0]),
