@@ -75,8 +75,8 @@ XLA_PRESETS = {
 }
 # Options a case accepts, by kind (jinbetween's UNet switches apply wherever its UNet runs).
 _UNET_OPTIONS = {"attention", "shortcut", "feedforward", "temporal", "xla"}
-CASE_OPTIONS = {"unet": _UNET_OPTIONS | {"maps"}, "vae": {"lean", "chunk", "xla"}, "profile": _UNET_OPTIONS | {"maps"},
-                "run": _UNET_OPTIONS | {"decode_chunks", "progress"}}
+CASE_OPTIONS = {"unet": _UNET_OPTIONS | {"maps"}, "vae": {"lean", "chunk", "xla"},
+                "profile": _UNET_OPTIONS | {"maps"}, "run": _UNET_OPTIONS | {"decode_chunks", "progress"}}
 METHOD_NAMES = ("i2v", "gi", "trf", "mpd", "mpd-seq", "vibid")
 
 
@@ -103,6 +103,8 @@ def parse_case(text: str) -> tuple[str, str, str, dict[str, str]]:
                          f"{sorted(CASE_OPTIONS[kind])}")
     if "xla" in options and options["xla"] not in XLA_PRESETS:
         raise SystemExit(f"case {text!r}: unknown XLA preset {options['xla']!r}; choose one of {sorted(XLA_PRESETS)}")
+    if options.get("maps", "capture") not in ("capture", "inject") or ("maps" in options and impl != "jax"):
+        raise SystemExit(f"case {text!r}: maps=capture or maps=inject, on JAX cases (diffusers has no GI)")
     return kind, impl, target, options
 
 

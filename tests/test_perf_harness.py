@@ -112,7 +112,8 @@ def test_cases_split_where_a_new_case_starts():
 
 
 @pytest.mark.parametrize("case", ["unet/jax", "disk/jax/b2", "unet/jax/b2:lean", "unet/jax/b2:lean=0",
-                                  "unet/jax/b2:xla=fastest"])
+                                  "unet/jax/b2:xla=fastest", "unet/jax/b2:maps=both",
+                                  "unet/torch-eager/b2:maps=inject"])
 def test_bad_cases_are_refused(case):
     with pytest.raises(SystemExit):
         perf.parse_case(case)

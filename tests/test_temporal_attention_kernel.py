@@ -104,6 +104,8 @@ def test_fits_and_refuses_what_it_cannot_take():
     assert not core.fits(25, 48) and not core.fits(25, 8) and not core.fits(129, 64)
     with pytest.raises(ValueError, match="check `fits` first"):
         core.attend(*_qkv(2, 25, 96), 2, True)  # head dim 48
+    with pytest.raises(ValueError, match="do not match v"):
+        core.apply_probs(jnp.ones((3, 2, 25, 25)), _qkv(2, 25, 128)[0], True)
 
 
 @pytest.fixture

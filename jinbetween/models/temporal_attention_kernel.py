@@ -164,6 +164,10 @@ def attend_capture(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, interpr
 def apply_probs(probs: jax.Array, v: jax.Array, interpret: bool = False) -> jax.Array:
     """P·v per head for given probabilities `probs [N, heads, F, F]` and `v [N, F, heads·D]` (GI's injected maps)."""
     _check(v, probs.shape[1])
+    n, frames = v.shape[:2]
+    if probs.shape != (n, probs.shape[1], frames, frames):
+        raise ValueError(f"probabilities of shape {probs.shape} do not match v {v.shape}: expected "
+                         f"[{n}, heads, {frames}, {frames}].")
     return _call("apply", probs.shape[1], interpret, probs, v)[0]
 
 
