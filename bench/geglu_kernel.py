@@ -7,7 +7,8 @@ Per shape: XLA's GEGLU (cuBLAS matmul, then the gate pass), its matmul alone, an
 configurations (rows × columns × depth, warps, pipeline stages). Median of `--repeats` calls after two warm-ups;
 the kernel's largest difference from XLA's output, relative to the output's largest magnitude (both in bf16).
 The UNet runs 15, 15 and 15 GEGLUs at the three shapes (5 spatial and 10 temporal per level), so a per-shape
-saving × 15 is the saving per call.
+saving × 15 is the saving per call. `--tiny` runs small shapes with the kernel in Pallas' interpreter on any backend
+(a check of this script, not a benchmark).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 # (rows, channels): level 0, 1, 2 of SVD-XT's UNet on 2 × 25 frames of 72×128 latents; inner = 4 · channels.
 SHAPES = [(2 * 25 * 72 * 128, 320), (2 * 25 * 36 * 64, 640), (2 * 25 * 18 * 32, 1280)]
+TINY_SHAPES = [(512, 128)]
 TILES = [(128, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3),
          (128, 64, 32, 4, 4), (256, 64, 64, 8, 3), (128, 128, 32, 8, 4)]
 
@@ -41,6 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--tiny", action="store_true", help="small shapes, the kernel interpreted (a script check)")
     args = parser.parse_args()
 
     import jax
@@ -48,8 +51,8 @@ def main() -> None:
 
     from jinbetween.models import geglu_kernel
 
-    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "shapes": []}
-    for rows, channels in SHAPES:
+    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "tiny": args.tiny, "shapes": []}
+    for rows, channels in TINY_SHAPES if args.tiny else SHAPES:
         inner = 4 * channels
         keys = jax.random.split(jax.random.key(0), 3)
         x = jax.random.normal(keys[0], (rows, channels), jnp.bfloat16)
@@ -67,7 +70,7 @@ def main() -> None:
              geglu_kernel.NUM_STAGES) = tile
             if not geglu_kernel.fits(rows, channels, inner):
                 continue
-            fused = jax.jit(lambda a, w, b: geglu_kernel.geglu_fused(a, w, b))  # traced anew with this tile
+            fused = jax.jit(lambda a, w, b: geglu_kernel.geglu_fused(a, w, b, args.tiny))  # traced with this tile
             try:
                 seconds = timed(fused, (x, kernel, bias), args.repeats)
                 error = float(jnp.max(jnp.abs(fused(x, kernel, bias).astype(jnp.float32)
