@@ -356,6 +356,7 @@ def compile_case(case: str, args) -> dict:
     # The programs are compiled for the target, so kernels resolve as on it (cuDNN attention on Ampere or newer).
     # This runs in a process of its own (`run_child`), which ends after this one case.
     hardware.modern_gpu = lambda: True
+    hardware.gpu_compute_capability = lambda: (9, 0)  # both targets are Hopper GPUs
     sharding = jax.sharding.SingleDeviceSharding(device)
     dtype = jnp.bfloat16
 

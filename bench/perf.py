@@ -21,7 +21,7 @@ set otherwise; methods at their defaults (`--steps` overrides, for smoke runs). 
 (compile seconds apart), then the median of `--repeats` calls after one warm-up call; run cases time the
 keyframe encoding and the decode (first call apart, then `--run-repeats` calls) and `--run-repeats` executions
 of the sampler, compiled ahead of time. Options: `:attention=xla` / `:shortcut=0` / `:feedforward=pallas` /
-`:temporal=pallas` switch the UNet's kernels, `:xla=PRESET` adds XLA flags (XLA_PRESETS), `:decode_chunks=8+all`
+`:temporal=xla|pallas` switch the UNet's kernels, `:xla=PRESET` adds XLA flags (XLA_PRESETS), `:decode_chunks=8+all`
 decodes a run with each chunk size in turn, `:maps=capture` / `:maps=inject` time a JAX UNet case as GI's two
 directions run it (capturing every temporal layer's attention maps; taking them instead of computing its own);
 a case may take several options, comma-separated.
@@ -56,11 +56,10 @@ SETS = {
     "samplers": ["run/jax/gi:decode_chunks=8+all", "run/jax/mpd", "run/jax/vibid", "run/jax/i2v", "run/torch-eager/i2v",
                  "run/jax/trf", "run/jax/mpd-seq"],
     "profile": ["profile/jax/unet-b2", "profile/torch-eager/unet-b2"],
-    # Ordered by what the profile suggests (bench/NOTES.md): removing the GEGLU gate pass first.
-    "variants": ["unet/jax/b2:feedforward=pallas", "unet/jax/b2:temporal=pallas",
-                 "unet/jax/b2:feedforward=pallas,temporal=pallas", "unet/jax/b2:maps=capture",
-                 "unet/jax/b2:maps=inject", "unet/jax/b2:maps=capture,temporal=pallas",
-                 "unet/jax/b2:maps=inject,temporal=pallas", "unet/jax/b2:xla=triton-gemm-any",
+    # The UNet's switches against its defaults (bench/NOTES.md), then XLA's flags.
+    "variants": ["unet/jax/b2:temporal=xla", "unet/jax/b2:feedforward=pallas", "unet/jax/b2:maps=capture",
+                 "unet/jax/b2:maps=inject", "unet/jax/b2:maps=capture,temporal=xla",
+                 "unet/jax/b2:maps=inject,temporal=xla", "unet/jax/b2:xla=triton-gemm-any",
                  "unet/jax/b2:xla=cudnn-gemm-fusion",
                  "unet/jax/b2:xla=no-triton-gemm", "unet/jax/b2:xla=cudnn-layer-norm", "unet/jax/b2:shortcut=0",
                  "unet/jax/b2:attention=xla_chunked", "run/jax/vibid:progress=1"],

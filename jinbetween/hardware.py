@@ -11,6 +11,7 @@ import jax
 log = logging.getLogger(__name__)
 
 AMPERE = (8, 0)
+HOPPER = (9, 0)
 
 
 def gpu_compute_capability() -> tuple[int, int] | None:
@@ -32,6 +33,13 @@ def modern_gpu() -> bool:
         return False
     capability = gpu_compute_capability()
     return capability is None or capability >= AMPERE
+
+
+def hopper_gpu() -> bool:
+    """Whether the backend is a GPU of compute capability 9.0 or newer (H100, H200), where jinbetween's own Pallas
+    kernels were measured faster than XLA; a GPU that does not report its capability does not count."""
+    capability = gpu_compute_capability()
+    return capability is not None and capability >= HOPPER
 
 
 @functools.cache

@@ -30,19 +30,22 @@ def test_compute_capability_is_parsed(fake_gpu, capability, expected):
 
 
 def test_cpu_is_not_a_modern_gpu():
-    assert jax.default_backend() == "cpu" and not hardware.modern_gpu()
+    assert jax.default_backend() == "cpu" and not hardware.modern_gpu() and not hardware.hopper_gpu()
     assert resolve_attention_impl("auto", jnp.bfloat16, 64) == "xla_chunked"
     assert pipeline.default_dtype() == jnp.float32
 
 
-@pytest.mark.parametrize("capability, attention, dtype", [("7.5", "xla_chunked", jnp.float16),
-                                                          ("7.0", "xla_chunked", jnp.float16),
-                                                          ("8.0", "cudnn", jnp.bfloat16),
-                                                          ("9.0", "cudnn", jnp.bfloat16)])
-def test_auto_choices_follow_the_gpu_generation(fake_gpu, capability, attention, dtype):
+@pytest.mark.parametrize("capability, attention, dtype, hopper", [("7.5", "xla_chunked", jnp.float16, False),
+                                                                  ("7.0", "xla_chunked", jnp.float16, False),
+                                                                  ("8.0", "cudnn", jnp.bfloat16, False),
+                                                                  ("9.0", "cudnn", jnp.bfloat16, True),
+                                                                  ("12.0", "cudnn", jnp.bfloat16, True),
+                                                                  (None, "cudnn", jnp.bfloat16, False)])
+def test_auto_choices_follow_the_gpu_generation(fake_gpu, capability, attention, dtype, hopper):
     fake_gpu(capability)
     assert resolve_attention_impl("auto", jnp.bfloat16, 64) == attention
     assert pipeline.default_dtype() == dtype
+    assert hardware.hopper_gpu() == hopper  # the temporal-attention kernel's "auto"
 
 
 def test_cudnn_on_an_old_gpu_is_refused_with_the_fix(fake_gpu):

@@ -121,7 +121,7 @@ def pretend_gpu(monkeypatch):
 
 def test_module_routes_every_mode_through_the_kernel(pretend_gpu):
     """`impl="pallas"` equals the XLA module for plain attention, a captured map and an injected one."""
-    xla = TemporalSelfAttention(128, heads=2, head_dim=64, name="layer", rngs=nnx.Rngs(0))
+    xla = TemporalSelfAttention(128, heads=2, head_dim=64, name="layer", impl="xla", rngs=nnx.Rngs(0))
     pallas = TemporalSelfAttention(128, heads=2, head_dim=64, name="layer", impl="pallas", rngs=nnx.Rngs(0))
     x = _qkv(6, 25, 128, seed=3)[0]
     out, _ = xla(x)
@@ -134,8 +134,19 @@ def test_module_routes_every_mode_through_the_kernel(pretend_gpu):
     assert pretend_gpu == ["attend", "attend_capture", "apply_probs"]
 
 
+@pytest.mark.parametrize("capability,uses_kernel", [((9, 0), True), ((8, 0), False), (None, False)])
+def test_auto_uses_the_kernel_on_hopper_only(pretend_gpu, monkeypatch, capability, uses_kernel):
+    """The default, "auto": the kernel on compute capability 9.0 or newer, where it was measured faster (H200),
+    and XLA on Ampere or a GPU that does not report its capability."""
+    monkeypatch.setattr(hardware, "gpu_compute_capability", lambda: capability)
+    layer = TemporalSelfAttention(128, heads=2, head_dim=64, name="layer", rngs=nnx.Rngs(0))
+    assert layer.core_impl == "auto" == config.svd_xt().temporal_attention_impl
+    layer(_qkv(2, 25, 128)[0])
+    assert pretend_gpu == (["attend"] if uses_kernel else [])
+
+
 def test_module_falls_back_to_xla_where_the_kernel_does_not_fit(pretend_gpu):
-    xla = TemporalSelfAttention(96, heads=2, head_dim=48, name="layer", rngs=nnx.Rngs(0))
+    xla = TemporalSelfAttention(96, heads=2, head_dim=48, name="layer", impl="xla", rngs=nnx.Rngs(0))
     pallas = TemporalSelfAttention(96, heads=2, head_dim=48, name="layer", impl="pallas", rngs=nnx.Rngs(0))
     x = _qkv(2, 25, 96)[0]
     assert_close(pallas(x)[0], xla(x)[0], TOL, "fallback")

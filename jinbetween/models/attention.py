@@ -172,16 +172,17 @@ class TemporalSelfAttention(Attention):
     `name` is the layer's diffusers path, the key of its map in `AttnControl` dicts. `impl="pallas"` computes the
     attention core (logits, softmax, probabilities·v, the captured or injected maps) in one Triton kernel on an
     NVIDIA GPU (`temporal_attention_kernel`) wherever it takes the shapes, and through XLA elsewhere; both compute
-    the same arithmetic.
+    the same arithmetic. `impl="auto"` uses the kernel on Hopper GPUs (where it was measured faster) and XLA
+    elsewhere.
     """
 
-    def __init__(self, dim: int, *, heads: int, head_dim: int, name: str, impl: str = "xla", rngs: nnx.Rngs):
+    def __init__(self, dim: int, *, heads: int, head_dim: int, name: str, impl: str = "auto", rngs: nnx.Rngs):
         super().__init__(dim, heads=heads, head_dim=head_dim, rngs=rngs)
         self.name = name
         self.core_impl = impl
 
     def _uses_kernel(self, frames: int) -> bool:
-        if self.core_impl != "pallas":
+        if self.core_impl == "xla" or (self.core_impl == "auto" and not hardware.hopper_gpu()):
             return False
         if not hardware.modern_gpu():
             raise ConfigError(f"temporal_attention_impl='pallas' compiles a Triton kernel for NVIDIA GPUs (Ampere "

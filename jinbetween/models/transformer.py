@@ -43,7 +43,7 @@ class TemporalBasicTransformerBlock(nnx.Module):
     """Temporal block over the frames of each pixel: GEGLU in, self-attention (maps), cross-attention, GEGLU."""
 
     def __init__(self, dim: int, *, heads: int, context_dim: int, impl: str, shortcut: bool, name: str,
-                 ff_impl: str = "xla", temporal_impl: str = "xla", rngs: nnx.Rngs):
+                 ff_impl: str = "xla", temporal_impl: str = "auto", rngs: nnx.Rngs):
         head_dim = dim // heads
         self.norm_in = LayerNorm(dim, eps=LN_EPS, rngs=rngs)
         self.ff_in = FeedForward(dim, impl=ff_impl, rngs=rngs)
@@ -73,7 +73,7 @@ class TransformerSpatioTemporalModel(nnx.Module):
     """GN → proj_in → [spatial block, + frame-index embedding → temporal block, time_mixer]ₙ → proj_out, + input."""
 
     def __init__(self, channels: int, *, heads: int, context_dim: int, num_layers: int, impl: str,
-                 shortcut: bool, name: str, ff_impl: str = "xla", temporal_impl: str = "xla", rngs: nnx.Rngs):
+                 shortcut: bool, name: str, ff_impl: str = "xla", temporal_impl: str = "auto", rngs: nnx.Rngs):
         self.norm = GroupNorm(channels, eps=1e-6, rngs=rngs)
         self.proj_in = nnx.Linear(channels, channels, rngs=rngs)
         kw = dict(heads=heads, context_dim=context_dim, impl=impl, shortcut=shortcut, ff_impl=ff_impl, rngs=rngs)
