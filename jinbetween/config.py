@@ -35,12 +35,12 @@ class UNetConfig:
     `attention_impl` picks the spatial self-attention kernel: "auto" uses cuDNN flash attention on a
     GPU for bf16/fp16 activations, otherwise XLA (query-chunked when the logits would be large).
     `cross_attention_shortcut` replaces attention over a single context token by the exactly equal
-    to_out(to_v(context)) broadcast (softmax over one key is 1). `feedforward_impl="pallas"` runs each GEGLU's
-    projection and gate as one Triton kernel on an NVIDIA GPU (`models/geglu_kernel.py`; experimental: 8–19%
-    slower than XLA's "xla" per GEGLU on an H200, where Triton's matmul reached 260–430 TFLOP/s). `temporal_attention_impl="pallas"` runs the core of each temporal
-    self-attention (logits, softmax, probabilities·v, and GI's captured or injected maps) as one Triton kernel
-    (`models/temporal_attention_kernel.py`); "auto" (the default) does so on Hopper GPUs, where it was measured 3%
-    faster per UNet call than "xla", and uses XLA elsewhere.
+    to_out(to_v(context)) broadcast (softmax over one key is 1). `temporal_attention_impl="pallas"` runs the core
+    of each temporal self-attention (logits, softmax, probabilities·v, and GI's captured or injected maps) as one
+    Triton kernel (`models/temporal_attention_kernel.py`); "auto" (the default) does so on Hopper GPUs, where it
+    was measured 3% faster per UNet call than "xla", and uses XLA elsewhere. `feedforward_impl="pallas"` runs
+    each GEGLU's projection and gate as one Triton kernel (`models/geglu_kernel.py`; experimental: 8–19% slower
+    than "xla" per GEGLU on an H200, where Triton's matmul reached 260–430 TFLOP/s).
     """
 
     in_channels: int = 8

@@ -5,6 +5,7 @@ SVD's temporal attention runs one short sequence per pixel: 25 frames, head dim 
 front of the frames, so around them it transposes the queries, keys, values and output, materializes the float32
 logits and the probabilities, and runs the softmax as its own pass: 13.4 ms of the 386 ms of kernels in one guided
 SVD-XT UNet call on an H200 (bench/NOTES.md), against ~5 ms for reading q, k, v and writing the output once.
+Measured on an H200 the 16 kernels take 3.1 ms and the call 340 ms instead of 351: the default on Hopper GPUs.
 
 Here one program takes one (sequence, head): it reads that head's `[F, D]` slices of q, k and v where the
 projections wrote them (`[N, F, heads·D]`, no transposes), computes the `[F, F]` logits, the softmax and the
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 # Triton's warps per program: a program's tiles are tiny ([32, 64] at 25 frames), so two warps keep many programs
-# resident per SM.
+# resident per SM (1, 2 and 4 were within a few percent of each other on an H200).
 NUM_WARPS = 2
 MAX_FRAMES = 128
 _MIN_TILE = 16  # the smallest side Triton's dot takes
