@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 # (rows, channels): level 0, 1, 2 of SVD-XT's UNet on 2 × 25 frames of 72×128 latents; inner = 4 · channels.
@@ -27,16 +25,12 @@ TILES = [(128, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 12
 
 
 def timed(fn, args, repeats: int) -> float:
+    """Median seconds of `fn(*args)` after two warm-up calls."""
     import jax
 
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    from bench.perf import timed_calls
+
+    return timed_calls(lambda: jax.block_until_ready(fn(*args)), repeats, warm_ups=2)["median_s"]
 
 
 def main() -> None:

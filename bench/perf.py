@@ -148,12 +148,15 @@ class Sizes:
         self.latent = (self.height // factor, self.width // factor)
 
 
-def timed_calls(fn, repeats: int, warm_up_counts: bool = False) -> dict:
-    """Calls `fn` (which blocks until done) once to warm up, then `repeats` times; returns the times. With
-    `warm_up_counts`, the first call is one of the timed ones (when nothing is left to warm up)."""
+def timed_calls(fn, repeats: int, warm_up_counts: bool = False, warm_ups: int = 1) -> dict:
+    """Calls `fn` (which blocks until done) `warm_ups` times to warm up, then `repeats` times; returns the times
+    (`first_call_s`: the first warm-up). With `warm_up_counts`, the first call is one of the timed ones (when
+    nothing is left to warm up)."""
     start = time.perf_counter()
     fn()
     first = time.perf_counter() - start
+    for _ in range(warm_ups - 1):
+        fn()
     times = [first] if warm_up_counts else []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 # (sequences = B·h·w, heads, channels) at levels 0, 1, 2; head dim 64.
@@ -29,16 +27,12 @@ MODES = ("attend", "capture", "apply")
 
 
 def timed(fn, args, repeats: int) -> float:
+    """Median seconds of `fn(*args)` after two warm-up calls."""
     import jax
 
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    from bench.perf import timed_calls
+
+    return timed_calls(lambda: jax.block_until_ready(fn(*args)), repeats, warm_ups=2)["median_s"]
 
 
 def functions(mode: str, heads: int, interpret: bool):

@@ -42,6 +42,16 @@ def hopper_gpu() -> bool:
     return capability is not None and capability >= HOPPER
 
 
+def require_triton_gpu(switch: str) -> None:
+    """Raises ConfigError unless a Pallas (Triton) kernel can run here: `switch` is the config field that asked
+    for one, named in the message with its XLA alternative."""
+    if not modern_gpu():
+        from jinbetween.errors import ConfigError
+
+        raise ConfigError(f"{switch}='pallas' compiles a Triton kernel for NVIDIA GPUs (Ampere or newer); the "
+                          f"backend here is {jax.default_backend()}: use {switch}='xla'.")
+
+
 @functools.cache
 def note_old_gpu(what: str) -> None:
     """Logs once per `what` that a pre-Ampere GPU made jinbetween fall back."""

@@ -184,19 +184,10 @@ class TemporalSelfAttention(Attention):
     def _uses_kernel(self, frames: int) -> bool:
         if self.core_impl == "xla" or (self.core_impl == "auto" and not hardware.hopper_gpu()):
             return False
-        if not hardware.modern_gpu():
-            raise ConfigError(f"temporal_attention_impl='pallas' compiles a Triton kernel for NVIDIA GPUs (Ampere "
-                              f"or newer); the backend here is {jax.default_backend()}: use "
-                              "temporal_attention_impl='xla'.")
+        hardware.require_triton_gpu("temporal_attention_impl")
         from jinbetween.models import temporal_attention_kernel
 
         return temporal_attention_kernel.fits(frames, self.head_dim)
-
-    def probabilities(self, x: jax.Array) -> jax.Array:
-        """Returns softmax(q·kᵀ/√d) `[N, heads, F, F]` for `x [N, F, C]`, computed in float32."""
-        from jinbetween.models.temporal_attention_kernel import probs_reference
-
-        return probs_reference(self.to_q(x), self.to_k(x), self.heads)
 
     def __call__(self, x: jax.Array, attn: AttnControl = NO_CONTROL) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Returns (`[N, F, C]`, captured maps) for `x [N, F, C]`."""

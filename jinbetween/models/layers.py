@@ -14,7 +14,6 @@ import numpy as np
 from flax import nnx
 
 from jinbetween import hardware
-from jinbetween.errors import ConfigError
 
 
 class GroupNorm(nnx.Module):
@@ -141,9 +140,7 @@ class GEGLU(nnx.Module):
         if self.impl == "pallas":
             from jinbetween.models import geglu_kernel
 
-            if not hardware.modern_gpu():
-                raise ConfigError(f"feedforward_impl='pallas' compiles a Triton kernel for NVIDIA GPUs (Ampere or "
-                                  f"newer); the backend here is {jax.default_backend()}: use feedforward_impl='xla'.")
+            hardware.require_triton_gpu("feedforward_impl")
             channels, inner = x.shape[-1], self.proj.out_features // 2
             rows = x.size // channels
             if geglu_kernel.fits(rows, channels, inner):
