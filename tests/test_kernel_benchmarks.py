@@ -1,6 +1,6 @@
-"""bench/geglu_kernel.py and bench/temporal_attention_kernel.py on small shapes with the kernels interpreted (`--tiny`):
-every configuration runs and agrees with XLA, so a GPU call spent on them times kernels rather than finds a bug
-in the script. (The numbers on a CPU mean nothing.) Tolerance: both sides round float32 results to bf16, so they
+"""bench/geglu_kernel.py, bench/temporal_attention_kernel.py and bench/spatial_attention_kernel.py on small shapes
+with the kernels interpreted (`--tiny`): every configuration runs and agrees with XLA, so a GPU call spent on them
+times kernels rather than finds a bug in the script. (The numbers on a CPU mean nothing.) Tolerance: both sides round float32 results to bf16, so they
 may differ by a bf16 ulp of the output's largest magnitude (2⁻⁸ relative); 1e-2."""
 
 import json
@@ -34,3 +34,12 @@ def test_kernel_benchmark_runs_every_configuration(tmp_path, script, entries, co
             assert config["s"] > 0 and config["max_error_relative"] < 1e-2, config
     if script.startswith("temporal"):
         assert {entry["mode"] for entry in report["levels"]} == {"attend", "capture", "apply"}
+
+
+def test_spatial_attention_probe_runs_and_agrees_with_the_float32_reference(tmp_path):
+    report = run_bench(tmp_path, "spatial_attention_kernel.py")
+    rows = [row for level in report["levels"] for row in level["kernels"]]
+    assert report["tiny"] and rows
+    for row in rows:
+        assert "error" not in row, row
+        assert row["s"] > 0 and row["max_error_relative"] < 1e-2, row
