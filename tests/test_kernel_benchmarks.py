@@ -1,7 +1,9 @@
 """bench/geglu_kernel.py, bench/temporal_attention_kernel.py and bench/spatial_attention_kernel.py on small shapes
 with the kernels interpreted (`--tiny`): every configuration runs and agrees with XLA, so a GPU call spent on them
-times kernels rather than finds a bug in the script. (The numbers on a CPU mean nothing.) Tolerance: both sides round float32 results to bf16, so they
-may differ by a bf16 ulp of the output's largest magnitude (2⁻⁸ relative); 1e-2."""
+times kernels rather than finds a bug in the script. (The numbers on a CPU mean nothing.) Tolerance: both sides round
+float32 results to bf16, so they may differ by a bf16 ulp of the output's largest magnitude (2⁻⁸ relative); 1e-2.
+The spatial-attention probe compares bf16 kernels against a float32 reference on the same bf16 inputs: the kernel
+rounds its probabilities and output to bf16, so again ~1 ulp; same bound."""
 
 import json
 import os
