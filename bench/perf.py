@@ -876,7 +876,11 @@ def table(paths: list[str]) -> str:
     implementation, and said so), and the performance targets of issue 7 against what was measured."""
     results = {}
     for path in paths:
-        for r in json.loads(Path(path).read_text())["results"]:
+        report = json.loads(Path(path).read_text())
+        if "results" not in report:
+            raise SystemExit(f"{path} is not a bench/perf.py report (no 'results'; the kernel benchmarks write their "
+                             "own layout): leave it out of `table`'s files")
+        for r in report["results"]:
             if "error" not in r and "skipped" not in r:
                 results[r["case"]] = r
 

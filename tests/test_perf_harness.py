@@ -170,3 +170,10 @@ def test_gpu_trace_summary_takes_the_stream_lines(tmp_path):
                                  "category": "elementwise fusion"}
     assert set(summary["device_lines_s"]) == {"Stream #13(Compute)", "XLA Ops"}
     assert summary["top_hlo_ops"][0]["op"] == "convolution.1"
+
+
+def test_table_refuses_a_kernel_benchmark_report_by_name(tmp_path):
+    probe = tmp_path / "spatial_attention_kernel.json"
+    probe.write_text(json.dumps({"device": "cpu", "levels": []}))
+    with pytest.raises(SystemExit, match="spatial_attention_kernel.json is not a bench/perf.py report"):
+        perf.table([str(probe)])
