@@ -42,7 +42,6 @@ def timed(fn, args, repeats: int) -> float:
 
 def candidates(tiny: bool):
     """(name, tiling, function of bf16 q, k, v) for every kernel and tiling to try."""
-    import jax
     import jax.numpy as jnp
     from jax.experimental.pallas.ops.gpu import attention as triton_attention
 
@@ -69,7 +68,6 @@ def candidates(tiny: bool):
             found.append(("mosaic_fp16", tiling, lambda q, k, v, _c=config: attention_mgpu.attention(
                 (q * scale).astype(jnp.float16), k.astype(jnp.float16), v.astype(jnp.float16),
                 _c).astype(q.dtype)))
-    del jax
     return found
 
 
