@@ -24,15 +24,6 @@ TILES = [(128, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 12
          (128, 64, 32, 4, 4), (256, 64, 64, 8, 3), (128, 128, 32, 8, 4)]
 
 
-def timed(fn, args, repeats: int) -> float:
-    """Median seconds of `fn(*args)` after two warm-up calls."""
-    import jax
-
-    from bench.perf import timed_calls
-
-    return timed_calls(lambda: jax.block_until_ready(fn(*args)), repeats, warm_ups=2)["median_s"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
@@ -42,6 +33,8 @@ def main() -> None:
 
     import jax
     import jax.numpy as jnp
+
+    from bench.perf import median_seconds
 
     from jinbetween.models import geglu_kernel
 
@@ -57,8 +50,9 @@ def main() -> None:
         expected = reference(x, kernel, bias)
         scale = float(jnp.max(jnp.abs(expected.astype(jnp.float32))))
         entry = {"rows": rows, "channels": channels, "inner": inner, "flops": flops,
-                 "xla_s": timed(reference, (x, kernel, bias), args.repeats),
-                 "xla_matmul_only_s": timed(jax.jit(lambda a, w: a @ w), (x, kernel), args.repeats), "fused": []}
+                 "xla_s": median_seconds(reference, (x, kernel, bias), args.repeats),
+                 "xla_matmul_only_s": median_seconds(jax.jit(lambda a, w: a @ w), (x, kernel), args.repeats),
+                 "fused": []}
         for tile in TILES:
             (geglu_kernel.TILE_ROWS, geglu_kernel.TILE_COLS, geglu_kernel.TILE_DEPTH, geglu_kernel.NUM_WARPS,
              geglu_kernel.NUM_STAGES) = tile
@@ -66,7 +60,7 @@ def main() -> None:
                 continue
             fused = jax.jit(lambda a, w, b: geglu_kernel.geglu_fused(a, w, b, args.tiny))  # traced with this tile
             try:
-                seconds = timed(fused, (x, kernel, bias), args.repeats)
+                seconds = median_seconds(fused, (x, kernel, bias), args.repeats)
                 error = float(jnp.max(jnp.abs(fused(x, kernel, bias).astype(jnp.float32)
                                               - expected.astype(jnp.float32)))) / scale
                 entry["fused"].append({"tile": tile, "s": seconds, "TFLOP_per_s": flops / seconds / 1e12,

@@ -165,6 +165,13 @@ def timed_calls(fn, repeats: int, warm_up_counts: bool = False, warm_ups: int = 
     return {"first_call_s": first, "median_s": statistics.median(times), "times_s": times}
 
 
+
+def median_seconds(fn, args: tuple, repeats: int, warm_ups: int = 2) -> float:
+    """Median seconds of `fn(*args)`, blocked until ready, after `warm_ups` calls (the kernel benchmarks' timer)."""
+    import jax
+
+    return timed_calls(lambda: jax.block_until_ready(fn(*args)), repeats, warm_ups=warm_ups)["median_s"]
+
 def with_rate(result: dict, flops: float | None) -> dict:
     """Adds the counted FLOPs and the achieved TFLOP/s of the median time."""
     result["flops"] = flops

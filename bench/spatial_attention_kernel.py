@@ -31,15 +31,6 @@ TINY_TRITON_TILINGS = [(64, 64, 4, 2)]
 MOSAIC_TILINGS = [(64, 64, 2), (64, 128, 2), (128, 64, 2), (128, 128, 2), (64, 128, 4), (128, 128, 4)]
 
 
-def timed(fn, args, repeats: int) -> float:
-    """Median seconds of `fn(*args)` after two warm-up calls."""
-    import jax
-
-    from bench.perf import timed_calls
-
-    return timed_calls(lambda: jax.block_until_ready(fn(*args)), repeats, warm_ups=2)["median_s"]
-
-
 def candidates(tiny: bool):
     """(name, tiling, function of bf16 q, k, v) for every kernel and tiling to try."""
     import jax.numpy as jnp
@@ -81,6 +72,8 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
+    from bench.perf import median_seconds
+
     from jinbetween.models.attention import ATTENTION_KERNELS
 
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "head_dim": HEAD_DIM,
@@ -99,7 +92,7 @@ def main() -> None:
             try:
                 got = fused(q, k, v).astype(jnp.float32)
                 row["max_error_relative"] = float(jnp.max(jnp.abs(got - expected))) / magnitude
-                row["s"] = timed(fused, (q, k, v), args.repeats)
+                row["s"] = median_seconds(fused, (q, k, v), args.repeats)
                 row["tflop_per_s"] = flops / row["s"] / 1e12
             except Exception as error:  # reported, so one configuration cannot cost the others
                 row["error"] = f"{type(error).__name__}: {str(error)[:400]}"

@@ -26,15 +26,6 @@ WARPS = (1, 2, 4)
 MODES = ("attend", "capture", "apply")
 
 
-def timed(fn, args, repeats: int) -> float:
-    """Median seconds of `fn(*args)` after two warm-up calls."""
-    import jax
-
-    from bench.perf import timed_calls
-
-    return timed_calls(lambda: jax.block_until_ready(fn(*args)), repeats, warm_ups=2)["median_s"]
-
-
 def functions(mode: str, heads: int, interpret: bool):
     """(XLA path, kernel) of one mode, each taking the mode's arrays."""
     from jinbetween.models import temporal_attention_kernel as core
@@ -58,6 +49,8 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
+    from bench.perf import median_seconds
+
     from jinbetween.models import temporal_attention_kernel as core
 
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "frames": FRAMES, "tiny": args.tiny,
@@ -77,12 +70,12 @@ def main() -> None:
             expected = jax.tree.leaves(reference(*inputs))[0].astype(jnp.float32)
             scale = float(jnp.max(jnp.abs(expected)))
             entry = {"sequences": n, "heads": heads, "channels": channels, "mode": mode, "bytes_needed": moved,
-                     "xla_s": timed(reference, inputs, args.repeats), "kernel": []}
+                     "xla_s": median_seconds(reference, inputs, args.repeats), "kernel": []}
             for warps in WARPS:
                 core.NUM_WARPS = warps
                 fused = jax.jit(lambda *a, _k=kernel: _k(*a))  # traced anew with this warp count
                 try:
-                    seconds = timed(fused, inputs, args.repeats)
+                    seconds = median_seconds(fused, inputs, args.repeats)
                     got = jax.tree.leaves(fused(*inputs))[0].astype(jnp.float32)
                     entry["kernel"].append({"warps": warps, "s": seconds, "TB_per_s": moved / seconds / 1e12,
                                             "max_error_relative": float(jnp.max(jnp.abs(got - expected))) / scale})
