@@ -123,6 +123,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser, *, demo: bool) -> None:
                         help="denoising steps of every method (default: " +
                              ("10, for a CPU run in minutes)" if demo else "each method's own)"))
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--method-fps", action="store_true",
+                        help="condition each method on its own default fps (MPD: 9) instead of the toy world's 7, "
+                             "the only one the toy model was trained on")
     parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
                         help="parameter dtype (auto: bfloat16 on GPU, float32 on CPU)")
     if demo:
@@ -148,9 +151,10 @@ def _bench_pipeline(args: argparse.Namespace):
 def run_demo(args: argparse.Namespace) -> None:
     from jinbetween.toyworld import bench
 
-    table = bench.demo(_bench_pipeline(args), args.out_dir, pairs=args.pairs, methods=args.methods,
-                       num_steps=args.steps, seed=args.seed)
-    print(bench.markdown_table(table))
+    record = bench.demo(_bench_pipeline(args), args.out_dir, pairs=args.pairs, methods=args.methods,
+                        num_steps=args.steps, seed=args.seed, method_fps=args.method_fps)
+    print(bench.markdown_table(record["scores"]))
+    print(f"\nDifference to the cross-fade, pair by pair:\n\n{bench.difference_table(record['versus_crossfade'])}")
     print(f"wrote the videos, contact sheet(s) and metrics.md to {args.out_dir}/")
 
 
@@ -164,8 +168,9 @@ def run_toybench(args: argparse.Namespace) -> None:
             Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
 
     record = bench.toybench(_bench_pipeline(args), args.pairs, args.methods, seed=args.seed, num_steps=args.steps,
-                            batch_size=args.batch_size, on_update=save)
+                            batch_size=args.batch_size, method_fps=args.method_fps, on_update=save)
     print(bench.markdown_table(record["scores"]))
+    print(f"\nDifference to the cross-fade, pair by pair:\n\n{bench.difference_table(record['versus_crossfade'])}")
     if args.out:
         print(f"wrote {args.out}")
 

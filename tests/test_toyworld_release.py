@@ -50,11 +50,18 @@ def test_demo_writes_videos_a_contact_sheet_and_finite_image_metrics(tmp_path):
     for name in ("ground_truth", "crossfade", "gi", "trf"):
         assert f"{seed}_{name}.gif" in names
     assert f"{seed}_sheet.png" in names and "metrics.md" in names
-    scores = json.loads((out / "metrics.json").read_text())["scores"]
+    record = json.loads((out / "metrics.json").read_text())
+    scores = record["scores"]
     assert set(scores) == {"crossfade", "gi", "trf"}
     for method, s in scores.items():
         assert np.isfinite(s["psnr"]) and 0 < s["ssim"] <= 1, f"{method}: {s}"
         assert 0 <= s["missing"] <= 1 and (np.isfinite(s["path_error"]) or s["missing"] == 1), f"{method}: {s}"
+        assert 0 <= s["track_3px"] <= s["track_6px"] <= 1 and np.isfinite(s["keyframe_psnr"]), f"{method}: {s}"
+    assert record["fps"] == {"gi": 7.0, "trf": 7.0}, f"conditioning fps {record['fps']}, expected the world's 7"
+    assert set(record["versus_crossfade"]) == {"gi", "trf"}, f"compared: {set(record['versus_crossfade'])}"
+    scores_table, differences = (out / "metrics.md").read_text().split("Difference to the cross-fade")
+    assert "track ≤ 3 px" in scores_table, f"metrics.md has no track accuracy column:\n{scores_table}"
+    assert "[n/a]" in differences and "nan" not in differences.lower(), f"one pair has no interval:\n{differences}"
 
 
 def test_small_toybench_scores_every_method_and_the_crossfade(tmp_path):
@@ -68,3 +75,11 @@ def test_small_toybench_scores_every_method_and_the_crossfade(tmp_path):
         assert np.isclose(np.nanmean(scores["psnr"]), record["scores"][method]["psnr"])
     for method, s in record["scores"].items():
         assert np.isfinite(s["psnr"]) and np.isfinite(s["ssim"]), f"{method}: {s}"
+    assert record["fps"] == {"vibid": 7.0}, f"conditioning fps {record['fps']}, expected the world's 7"
+    versus = record["versus_crossfade"]
+    assert set(versus) == {"vae round trip", "vibid"}, f"compared with the cross-fade: {set(versus)}"
+    for method, compared in versus.items():
+        d, pairs = compared["track_3px"], record["per_pair"]
+        expected = np.mean(np.subtract(pairs[method]["track_3px"], pairs["crossfade"]["track_3px"]))
+        assert d["pairs"] == 2 and np.isclose(d["mean"], expected) and d["low"] <= d["mean"] <= d["high"], (
+            f"{method}: track_3px difference {d}, expected mean {expected} over 2 pairs")

@@ -1,5 +1,6 @@
 """Scores for inbetweening on the toy world: per-frame PSNR and SSIM against the ground-truth render, and sprite
-motion read back from a generated video by colour (where each sprite is, whether it went back and forth).
+motion read back from a generated video by colour (where each sprite is, how often it is where it should be, whether
+it went back and forth).
 
 The benchmark: a held-out test video's first and last frames are the keyframes, a method generates all frames, and
 its in-between frames are compared with the render of the same scene. Everything here is numpy in float64.
@@ -32,6 +33,11 @@ WINDOW_MARGIN_PX = 3.0
 GHOST_FRACTION = 0.5
 # A turn of the estimated path counts as a reversal once it has retreated this far (pixels) from its extreme.
 REVERSAL_THRESHOLD_PX = 2.0
+# Track accuracy scores and their radii (pixels). 3 px: several times the estimator's error on a fully visible true
+# sprite, so only a misplaced sprite misses; occlusion can shift a half-hidden sprite's centroid further, so the truth
+# itself misses some occluded positions. 6 px: below the smallest sprite's circumradius (0.06 frame heights, 7.7 px
+# at 128 px), so a match still puts the sprite's centre inside the true sprite.
+TRACK_RADII_PX = {"track_3px": 3.0, "track_6px": 6.0}
 # `_draw_shadow` darkens the ground by at most this factor.
 _SHADOW_DARKEN = 0.35
 # Area / circumradius² of each shape (ring: outer radius r, inner 0.6 r).
@@ -218,6 +224,25 @@ def _zigzag_turns(values: np.ndarray, threshold: float) -> int:
     return turns
 
 
+def track_accuracy(estimated: np.ndarray, true: np.ndarray, visible: np.ndarray, *, pixels_per_unit: float,
+                   radius_px: float) -> float:
+    """Returns the fraction of the visible (frame, sprite) positions where the estimated centre lies within
+    `radius_px` pixels of the true one; NaN when no position is visible.
+
+    `estimated [F, N, 2]` (NaN where a sprite was not found: a miss) and `true [F, N, 2]` in scene units, converted to
+    pixels by `pixels_per_unit`; `visible [F, N]` bool, the positions that count (the denominator).
+    """
+    estimated, true, visible = np.asarray(estimated, np.float64), np.asarray(true, np.float64), np.asarray(visible)
+    if not (estimated.shape == true.shape and estimated.shape[:-1] == visible.shape and estimated.shape[-1] == 2):
+        raise ValueError(f"estimated {estimated.shape}, true {true.shape} and visible {visible.shape}: give [F, N, 2], "
+                         f"[F, N, 2] and [F, N].")
+    if not visible.any():
+        return math.nan
+    error = np.linalg.norm(estimated - true, axis=-1) * pixels_per_unit
+    # NaN compares False: a sprite not found is a miss.
+    return float(np.count_nonzero((error <= radius_px) & visible) / np.count_nonzero(visible))
+
+
 def motion_scores(estimated: np.ndarray, true: np.ndarray, *, pixels_per_unit: float, frames=slice(None),
                   reference: np.ndarray | None = None, noise_px: float = REVERSAL_THRESHOLD_PX) -> dict[str, float]:
     """Returns how well an estimated sprite motion follows the true one: a dict of floats, distances in pixels.
@@ -226,8 +251,11 @@ def motion_scores(estimated: np.ndarray, true: np.ndarray, *, pixels_per_unit: f
     by `pixels_per_unit` (the frame height). `reference [F, N, 2]` (default `true`) is the path whose turns are
     allowed; `score_video` passes the centres read from the ground-truth render, so that the estimator's own
     artefacts (an occluded sprite's centroid shifting towards its visible part) cancel. Keys:
+    - `track_3px`, `track_6px` (TRACK_RADII_PX): `track_accuracy` on `frames` at 3 and 6 px, the visible
+      positions being those where `reference` is found, so a sprite hidden in the truth is never charged and one
+      that the estimated video lost is a miss.
     - `path_error`: mean distance between estimated and true centres over the found (frame, sprite) pairs of
-      `frames`; NaN when none was found.
+      `frames`; NaN when none was found. A lost sprite is not charged here (see `missing` and the track scores).
     - `missing`: fraction of the (frame, sprite) pairs of `frames` that were not found.
     - `direction_reversals`: over all F frames (a reversal into or out of a keyframe counts too), for each sprite
       and axis, the turns of the estimated path by at least `noise_px` (`_zigzag_turns`) minus those of the
@@ -241,6 +269,9 @@ def motion_scores(estimated: np.ndarray, true: np.ndarray, *, pixels_per_unit: f
     if not (estimated.shape == true.shape == reference.shape and estimated.ndim == 3 and estimated.shape[-1] == 2):
         raise ValueError(f"estimated {estimated.shape}, true {true.shape} and reference {reference.shape}: give "
                          f"[F, N, 2] arrays of one shape.")
+    visible = np.isfinite(reference[frames]).all(-1)
+    tracks = {name: track_accuracy(estimated[frames], true[frames], visible, pixels_per_unit=pixels_per_unit,
+                                   radius_px=radius) for name, radius in TRACK_RADII_PX.items()}
     estimated_px, reference_px = estimated * pixels_per_unit, reference * pixels_per_unit
     error = np.linalg.norm(estimated_px - true * pixels_per_unit, axis=-1)
     selected = error[frames]
@@ -255,8 +286,8 @@ def motion_scores(estimated: np.ndarray, true: np.ndarray, *, pixels_per_unit: f
             extra = (_zigzag_turns(estimated_px[seen, j, axis], noise_px)
                      - _zigzag_turns(reference_px[seen, j, axis], noise_px))
             reversals += max(extra, 0)
-    return {"path_error": path_error, "missing": float(1 - found.mean()), "direction_reversals": float(reversals),
-            "endpoint_error": endpoint_error}
+    return {**tracks, "path_error": path_error, "missing": float(1 - found.mean()),
+            "direction_reversals": float(reversals), "endpoint_error": endpoint_error}
 
 
 def crossfade(first: np.ndarray, last: np.ndarray, num_frames: int) -> np.ndarray:
@@ -277,9 +308,11 @@ def score_video(video: np.ndarray, scene: Scene, cfg: WorldConfig = WorldConfig(
 
     `video [cfg.num_frames, cfg.height, cfg.width, 3]`, uint8 or floats in [0, 1], generated for the default frame
     times. `psnr` (dB, each frame capped at PSNR_CAP_DB) and `ssim` are means over `frames` (default: the
-    in-betweens, without the keyframes); `path_error`, `missing`, `direction_reversals` and `endpoint_error` are
-    those of `motion_scores` on the sprite centres read back by `sprite_centroids` (distances in pixels), against the
-    true trajectory, with the turns of the centres read back from the ground-truth render allowed.
+    in-betweens, without the keyframes); `keyframe_psnr` is the capped PSNR of the first and last frames, averaged:
+    how faithfully the method kept the keyframes it was given. `track_3px`, `track_6px`, `path_error`, `missing`,
+    `direction_reversals` and `endpoint_error` are those of `motion_scores` on the sprite centres read back by
+    `sprite_centroids` (distances in pixels), against the true trajectory, with the centres read back from the
+    ground-truth render as the reference (their turns allowed, the sprites they find the ones that count).
     """
     expected = (cfg.num_frames, cfg.height, cfg.width, 3)
     if np.shape(video) != expected:
@@ -288,6 +321,8 @@ def score_video(video: np.ndarray, scene: Scene, cfg: WorldConfig = WorldConfig(
     positions = trajectory(scene, cfg.frame_times, cfg.substep).position
     motion = motion_scores(sprite_centroids(video, scene, cfg), positions, pixels_per_unit=float(cfg.height),
                            frames=frames, reference=sprite_centroids(truth, scene, cfg))
-    picked, picked_truth = np.asarray(video)[frames], truth[frames]
+    video = np.asarray(video)
+    picked, picked_truth, ends = video[frames], truth[frames], [0, -1]
     return {"psnr": float(np.mean(np.minimum(psnr(picked, picked_truth), PSNR_CAP_DB))),
-            "ssim": float(np.mean(ssim(picked, picked_truth))), **motion}
+            "ssim": float(np.mean(ssim(picked, picked_truth))),
+            "keyframe_psnr": float(np.mean(np.minimum(psnr(video[ends], truth[ends]), PSNR_CAP_DB))), **motion}
