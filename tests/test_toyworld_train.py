@@ -199,6 +199,12 @@ def test_measured_throughput_times_the_step_that_training_then_reuses(pool):
     assert list(results) == [2]
     assert results[2]["clips_per_s"] == pytest.approx(2 / results[2]["step_s"], rel=1e-2)
     assert results[2]["compile_s"] > 0
+    # Traced on the pool's shapes alone (to compile while the pool is rendered), the step is the same program.
+    clips = tiny_pool(pool)
+    shapes = train.pool_shapes(tiny_vae(), len(pool), dataclasses.replace(cfg, cond_draws=2), WORLD)
+    step = train.make_unet_step(graphdef, dataclasses.replace(cfg, batch_size=2))
+    lowered = [step.lower(state, p, jax.random.key(0), np.float32(0), np.float32(0)).as_text() for p in (clips, shapes)]
+    assert lowered[0] == lowered[1], "the step traced on the pool's shapes differs from the one traced on the pool"
     planned = dataclasses.replace(cfg, batch_size=2, steps=500, learning_rate=3e-4, ema_decay=0.99)
     assert train.make_unet_step(graphdef, planned) is train.make_unet_step(graphdef, dataclasses.replace(
         cfg, batch_size=2)), "a plan that differs only in host-side settings compiled a new step"

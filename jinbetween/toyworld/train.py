@@ -30,6 +30,7 @@ log), so a time-boxed machine can train it over several calls, each continuing e
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -568,17 +569,20 @@ def held_out_x0_error(trainables: Trainables, pool: ClipPool, sigmas: Sequence[f
 
 
 def measure_throughput(graphdef: nnx.GraphDef, state: TrainState, pool: ClipPool, cfg: UNetTrainConfig,
-                       batch_sizes: Sequence[int], *, steps: int = 10) -> dict[int, dict[str, float]]:
+                       batch_sizes: Sequence[int], *, steps: int = 10,
+                       compiled: dict[int, Callable] | None = None) -> dict[int, dict[str, float]]:
     """Returns {batch size: {"clips_per_s", "step_s", "compile_s"}} of the stage-2 step, run on a copy of `state`
     (or {"clips_per_s": 0, "failed": the error} for a size that does not compile or run, e.g. out of memory).
 
-    One size after the other: the first call's time (compile_s: the compilation and one step), then `steps` steps
-    after a warm-up step. Compiling several at once gains nothing on one GPU, whose autotuning serializes them.
+    One size after the other: the first call's time (compile_s: the compilation, unless `compiled` holds the size's
+    step already, and one step), then `steps` steps after a warm-up step. Compiling several at once gains nothing on
+    one GPU, whose autotuning serializes them.
     """
     key = jax.random.key(0)
     results = {}
     for batch_size in batch_sizes:
-        step = make_unet_step(graphdef, dataclasses.replace(cfg, batch_size=batch_size))
+        step = (compiled or {}).get(batch_size) or make_unet_step(graphdef, dataclasses.replace(
+            cfg, batch_size=batch_size))
         trial = jax.tree.map(jnp.copy, state)
         try:
             start = time.perf_counter()
@@ -601,6 +605,38 @@ def measure_throughput(graphdef: nnx.GraphDef, state: TrainState, pool: ClipPool
         results[batch_size] = {"clips_per_s": round(batch_size / step_s, 1), "step_s": round(step_s, 5),
                                "compile_s": round(compile_s, 1)}
     return results
+
+
+def compile_in_background(graphdef: nnx.GraphDef, state: TrainState, pool: ClipPool, cfg: UNetTrainConfig,
+                          batch_sizes: Sequence[int]) -> concurrent.futures.Future:
+    """Returns a future of {batch size: compiled stage-2 step}: the steps are traced here, on `state` and `pool` as
+    arrays or shapes (`jax.ShapeDtypeStruct`), and compiled one after the other in a thread, so that compilation
+    (autotuning on the GPU) overlaps with rendering and encoding the pool. A size that fails to compile maps to
+    its error. The persistent compilation cache, when enabled, keeps the programs for later processes."""
+    key = jax.random.key(0)
+    lowered = {b: make_unet_step(graphdef, dataclasses.replace(cfg, batch_size=b)).lower(
+        state, pool, key, np.float32(0), np.float32(0)) for b in batch_sizes}
+
+    def compile_all() -> dict[int, Callable | Exception]:
+        compiled = {}
+        for batch_size, program in lowered.items():
+            try:
+                compiled[batch_size] = program.compile()
+            except jax.errors.JaxRuntimeError as error:
+                compiled[batch_size] = error
+        return compiled
+
+    return concurrent.futures.ThreadPoolExecutor(1).submit(compile_all)
+
+
+def pool_shapes(vae: VAE, videos: int, cfg: UNetTrainConfig,
+                world_cfg: world.WorldConfig = world.WorldConfig()) -> ClipPool:
+    """Returns the shapes and dtypes (`jax.ShapeDtypeStruct`) of the ClipPool of `videos` videos, without
+    rendering or encoding anything."""
+    frames = jax.ShapeDtypeStruct((videos, world_cfg.num_frames, world_cfg.height, world_cfg.width, 3), jnp.uint8)
+    return jax.eval_shape(functools.partial(encode_videos, draws=cfg.cond_draws, aug_log_mean=cfg.aug_log_mean,
+                                            aug_log_std=cfg.aug_log_std), ModelState.of(vae), frames,
+                          jax.random.key(0))
 
 
 def choose_batch_size(throughput: dict[int, dict[str, float]], within: float = 0.9) -> int:
@@ -801,29 +837,33 @@ def environment() -> dict:
             "flax": flax.__version__, "python": platform.python_version()}
 
 
-def create_run(run: Run, args: argparse.Namespace) -> tuple[UNetTrainConfig, TrainState, ClipPool,
-                                                                                nnx.GraphDef]:
-    """Creates the run folder: the pool rendered and encoded, the batch size chosen from measured throughput, the
-    learning rate, steps and EMA decay derived from it; returns (config, step-0 state, pool, graphdef)."""
+def create_run(run: Run, args: argparse.Namespace) -> tuple[UNetTrainConfig, TrainState, ClipPool, Callable]:
+    """Creates the run folder: the pool rendered and encoded while the steps compile, the batch size chosen from
+    measured throughput, the learning rate, steps and EMA decay derived from it; returns (config, step-0 state,
+    pool, the compiled step of the chosen batch size)."""
     start = time.monotonic()
     base = UNetTrainConfig(batch_size=args.batch_sizes[0], learning_rate=args.base_learning_rate,
                            warmup=args.warmup, cond_draws=args.cond_draws)
     seeds = world.split_seeds("train", args.videos)
+    vae = VAE.from_pretrained(args.vae or args.init, dtype=jnp.float32)
+    init = _load_trainables(args.init, args.seed)
+    graphdef, state = init_train_state(init, base)
+    compiling = compile_in_background(graphdef, state, pool_shapes(vae, args.videos, base), base, args.batch_sizes)
     if (run.folder / POOL / "cond_aug.npy").exists():  # encoded by an earlier attempt at creating this run
         pool = load_pool(run.folder / POOL)
         if len(pool) != args.videos:
             raise SystemExit(f"{run.folder / POOL} holds {len(pool)} videos, not --videos {args.videos}.")
         run.log({"stage": "pool", "loaded": len(pool), "seconds": round(time.monotonic() - start, 1)})
     else:
-        vae = VAE.from_pretrained(args.vae or args.init, dtype=jnp.float32)
         pool = build_pool(vae, seeds, jax.random.key(args.seed), base)
         jax.block_until_ready(pool)
         run.folder.mkdir(parents=True, exist_ok=True)
         save_pool(pool, run.folder / POOL)
         run.log({"stage": "pool", "videos": len(pool), "seconds": round(time.monotonic() - start, 1)})
-    init = _load_trainables(args.init, args.seed)
-    graphdef, state = init_train_state(init, base)
-    throughput = measure_throughput(graphdef, state, pool, base, args.batch_sizes)
+    compiled = compiling.result()
+    run.log({"stage": "compiled", "seconds": round(time.monotonic() - start, 1)})
+    throughput = measure_throughput(graphdef, state, pool, base, args.batch_sizes, compiled={
+        b: step for b, step in compiled.items() if not isinstance(step, Exception)})
     run.log({"stage": "throughput", **{str(b): r for b, r in throughput.items()}})
     batch_size = choose_batch_size(throughput)
     rate = scaled_learning_rate(batch_size, args.base_learning_rate, args.base_batch)
@@ -842,7 +882,8 @@ def create_run(run: Run, args: argparse.Namespace) -> tuple[UNetTrainConfig, Tra
         "environment": environment()})
     run.log({"stage": "plan", "batch_size": batch_size, "learning_rate": rate, "steps": steps,
              "ema_decay": cfg.ema_decay, "setup_seconds": round(time.monotonic() - start, 1)})
-    return cfg, state, pool, graphdef
+    step = compiled.get(batch_size)
+    return cfg, state, pool, step if callable(step) else make_unet_step(graphdef, cfg)
 
 
 def train_run(args: argparse.Namespace) -> None:
@@ -862,14 +903,14 @@ def train_run(args: argparse.Namespace) -> None:
         restored = run.restore_state(state)
         state = restored if restored is not None else state
         pool = load_pool(run.folder / POOL)
+        step = make_unet_step(graphdef, cfg)
         run.log({"stage": "resume", "step": int(state.step), "planned_steps": cfg.steps})
     else:
         if args.init is None and args.vae is None:
             raise SystemExit("A new run needs --init (a pipeline to start from) or --vae (a trained VAE).")
-        cfg, state, pool, graphdef = create_run(run, args)
-    record = run.record()
-    run_unet_steps(make_unet_step(graphdef, cfg), state, pool, jax.random.key(record["seed"] + 1), cfg,
-                           on_log=run.log, log_every=args.log_every, deadline=deadline, on_save=run.save_state)
+        cfg, state, pool, step = create_run(run, args)
+    run_unet_steps(step, state, pool, jax.random.key(run.record()["seed"] + 1), cfg, on_log=run.log,
+                   log_every=args.log_every, deadline=deadline, on_save=run.save_state)
 
 
 def release_run(args: argparse.Namespace) -> None:
