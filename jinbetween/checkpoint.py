@@ -34,11 +34,15 @@ class TrainingCheckpoints:
     """The numbered checkpoints of a training run in `directory` (orbax CheckpointManager), the last `keep` kept.
 
     Each holds a tree of arrays (nested dicts with string keys) and a JSON record (data position, run settings).
-    Saves are synchronous: the training step donates its state buffers, so they must be on disk first.
+    Saves are synchronous: the training step donates its state buffers, so they must be on disk first. A save is
+    written to a temporary folder and renamed when complete (orbax), so a killed run leaves its last complete
+    checkpoints; the leftover of an interrupted save is removed when the checkpoints are opened again.
     """
 
     def __init__(self, directory: str | os.PathLike, keep: int = 3):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+        # A save killed before its rename leaves a temporary folder that would block saving that step again.
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
+                                               cleanup_tmp_directories=True)
         self.directory = Path(directory).absolute()
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
