@@ -32,8 +32,9 @@ def refuse(name: str, value: Any, problem: str, fix: str) -> NoReturn:
 
 
 def _bounds(minimum, maximum, above) -> str:
-    parts = ([f"> {above:g}"] if above is not None else []) + ([f"≥ {minimum:g}"] if minimum is not None else []) \
-        + ([f"≤ {maximum:g}"] if maximum is not None else [])
+    text = lambda bound: str(bound) if isinstance(bound, numbers.Integral) else f"{bound:g}"  # noqa: E731
+    parts = ([f"> {text(above)}"] if above is not None else []) + \
+        ([f"≥ {text(minimum)}"] if minimum is not None else []) + ([f"≤ {text(maximum)}"] if maximum is not None else [])
     return " and ".join(parts)
 
 

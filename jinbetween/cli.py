@@ -65,7 +65,7 @@ def check_convert_arguments(args: argparse.Namespace) -> argparse.Namespace:
     from jinbetween import conversion
 
     if args.gi_unet and not args.gi_base:
-        raise ArgumentError("--gi-unet needs --gi-base, the UNet it was fine-tuned from (for GI's release: "
+        raise ArgumentError("--gi-unet needs --gi-base: pass the UNet it was fine-tuned from (for GI's release: "
                             "--gi-base stabilityai/stable-video-diffusion-img2vid)")
     if args.gi_base and not args.gi_unet:
         raise ArgumentError("--gi-base is the base of --gi-unet; pass --gi-unet too")
@@ -503,7 +503,7 @@ def read_pairs(path: str | Path, video_format: str = "mp4") -> list[PairLine]:
     raises ConfigError listing each bad line."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"Pairs file {path} does not exist.")
+        raise ConfigError(f"Pairs file {path} does not exist; check the path.")
     problems: list[str] = []
     pairs: list[PairLine] = []
     outs: dict[str, int] = {}  # output name -> line number
@@ -529,8 +529,8 @@ def read_pairs(path: str | Path, video_format: str = "mp4") -> list[PairLine]:
             continue
         outs[out] = number
         pairs.append(PairLine(number, start, end, Path(out), entry.get("seed")))
-    example = ('each line is a JSON object like {"start": "a.png", "end": "b.png", "out": "ab.mp4", "seed": 3} ("out" '
-               'and "seed" optional), keyframe paths relative to the file\'s folder.')
+    example = ('write each line as a JSON object like {"start": "a.png", "end": "b.png", "out": "ab.mp4", "seed": 3} '
+               '("out" and "seed" optional), keyframe paths relative to the file\'s folder.')
     if len(problems) == 1:
         raise ConfigError(f"{path} {problems[0]}; {example}")
     if problems:

@@ -106,8 +106,8 @@ def recorded_hashes(folder: str | os.PathLike) -> tuple[Path, dict[str, str]]:
                 raise WeightsNotFoundError(f"{record} records no file hashes (written by an older jinbetween); "
                                            "convert the weights again to record them.")
             return record, files
-    raise WeightsNotFoundError(f"{folder} records no file hashes: it holds none of {', '.join(RECORDS)}; only "
-                               "converted dirs (jinbetween convert), releases and backward deltas can be verified.")
+    raise WeightsNotFoundError(f"{folder} records no file hashes: it holds none of {', '.join(RECORDS)}; pass a "
+                               "converted dir (made by jinbetween convert), a release or a backward delta.")
 
 
 def _shown(names: list[str]) -> str:

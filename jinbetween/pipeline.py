@@ -667,7 +667,8 @@ def _method_config(spec, *, num_steps: int | None, **fields: Any):
     known = {f.name for f in dataclasses.fields(spec.config())}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise ConfigError(f"{spec.name} has no option(s) {unknown}; its options are {sorted(known)}.")
+        raise ConfigError(f"{spec.name} has no option(s) {unknown}; choose among its options "
+                          f"{sorted(known - set(_PIPELINE_FIELDS))}.")
     return spec.config(**fields)
 
 
