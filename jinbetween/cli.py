@@ -443,7 +443,6 @@ def run_interpolate(args: argparse.Namespace) -> None:
 
 
 PAIR_FIELDS = ("start", "end", "out", "seed")
-VIDEO_SUFFIXES = (".mp4", ".gif")
 
 
 @dataclasses.dataclass(frozen=True)

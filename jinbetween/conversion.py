@@ -546,12 +546,13 @@ def load_component(path: str | os.PathLike, component: Component, *, dtype=jnp.f
     parameters (e.g. `attention_impl`).
     """
     path = Path(path)
-    abstract = component.abstract(read_config(path, component, **runtime))
+    config = read_config(path, component, **runtime)
     root = _converted_root(path)
     if root is not None:
         if verify:
             verify_component(root, component.name, component.model)
-        return restore_component(root, component.name, abstract, dtype, component.model)
+        return restore_component(root, component.name, component.abstract(config), dtype, component.model)
+    abstract = component.abstract(config)
     folder = component_folder(path, component)
     source = TensorSource.from_folder(folder, component.stem, variant, allow_pickle)
     return merge_params(abstract, convert_tensors(source, flat_params(abstract), model=component.model, dtype=dtype,

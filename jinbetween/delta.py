@@ -106,8 +106,8 @@ def _refuse_nonfinite(tensors: list[str], where: str, fix: str) -> None:
 
 
 def save_delta(path: str | os.PathLike, delta: Mapping[str, np.ndarray], cfg: UNetConfig, **meta) -> Path:
-    """Writes a delta checkpoint (orbax tree + delta.json with the UNet config, the sha256 of the tree's files and
-    `meta`) atomically, replacing `path`; returns `path`. A delta holding NaN or Inf is refused."""
+    """Writes a delta checkpoint (orbax tree + delta.json with the UNet config, `meta` and the sha256 of the tree's
+    files) atomically, replacing `path`; returns `path`. A delta holding NaN or Inf is refused."""
     path = Path(path)
     check_delta(delta, cfg, str(path))
     delta = {key: np.asarray(value, np.float32) for key, value in delta.items()}
@@ -117,16 +117,16 @@ def save_delta(path: str | os.PathLike, delta: Mapping[str, np.ndarray], cfg: UN
                           "rate or resume from an earlier checkpoint")
     with atomic.replacing_dir(path) as staging:
         save_tree(staging / "tree", delta)
-        files = integrity.hash_files(staging, integrity.files_under(staging))
         record = {"format_version": DELTA_FORMAT_VERSION, "keys": sorted(delta), "unet_config": cfg.to_diffusers(),
-                  **meta, "files": files}
+                  **meta, "sha256": integrity.hash_files(staging, integrity.files_under(staging))}
         atomic.write_json(staging / _META, record)
     return path
 
 
 def load_delta(path: str | os.PathLike, cfg: UNetConfig, *, verify: bool = True) -> dict[str, jax.Array]:
     """Returns the delta saved at `path` (float32), checked against the UNet config it will be added to, against the
-    sha256 of its files when delta.json records them (`verify=False` skips that) and for NaN or Inf."""
+    sha256 of its files when delta.json records them (deltas written since they do; `verify=False` skips that) and
+    for NaN or Inf."""
     path = Path(path)
     if not (path / _META).exists():
         raise WeightsNotFoundError(
@@ -143,8 +143,8 @@ def load_delta(path: str | os.PathLike, cfg: UNetConfig, *, verify: bool = True)
     shapes = delta_shapes(cfg)
     if sorted(record.get("keys", [])) != sorted(shapes):
         check_delta({k: np.zeros(0) for k in record.get("keys", [])}, cfg, str(path))
-    if verify and "files" in record:
-        integrity.verify_files(path, record["files"], what="the backward delta's files",
+    if verify and "sha256" in record:
+        integrity.verify_files(path, record["sha256"], what="the backward delta's files",
                                fix="write or convert the delta again, or skip this check with --no-verify "
                                    "(verify=False)")
     abstract = {key: jax.ShapeDtypeStruct(shape, jnp.float32) for key, shape in shapes.items()}

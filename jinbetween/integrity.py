@@ -1,8 +1,8 @@
 """Weight files checked against the sha256 hashes recorded beside them.
 
-Three kinds of folder record hashes as `{"files": {relative path: sha256}}`: a converted dir (`manifest.json`, written
-by `jinbetween convert`), a release such as the shipped toy-world model (`release.json`) and a GI backward delta
-(`delta.json`). Hashing a converted SVD-XT takes seconds, so loads keep the hashes they computed in a cache keyed by
+Three kinds of folder record hashes as `{relative path: sha256}`: a converted dir (`manifest.json`, key "files",
+written by `jinbetween convert`), a release such as the shipped toy-world model (`release.json`, key "files") and a
+GI backward delta (`delta.json`, key "sha256"; its "files" are those of the UNet it was converted from). Hashing a converted SVD-XT takes seconds, so loads keep the hashes they computed in a cache keyed by
 path, size and modification time (`~/.cache/jinbetween/sha256.json`; `$JINBETWEEN_HASH_CACHE` names another file or
 `off`): later loads re-hash only files that changed. `verify_folder(..., use_cache=False)` (`jinbetween verify`)
 re-hashes everything, which also finds damage that left the size and time alone.
@@ -22,7 +22,7 @@ from jinbetween.errors import IntegrityError, WeightsNotFoundError
 
 CACHE_ENV = "JINBETWEEN_HASH_CACHE"
 DEFAULT_CACHE = Path("~/.cache/jinbetween/sha256.json")
-RECORDS = ("manifest.json", "release.json", "delta.json")  # the files that record a folder's hashes
+RECORDS = {"manifest.json": "files", "release.json": "files", "delta.json": "sha256"}  # record file: its key
 # A file modified this recently may change again within the file system's timestamp resolution without its
 # modification time changing: its hash is not cached (git's "racily clean" entries).
 _FRESH_SECONDS = 2.0
@@ -94,11 +94,11 @@ def cached_hashes(folder: str | os.PathLike, names: Iterable[str]) -> dict[str, 
 def recorded_hashes(folder: str | os.PathLike) -> tuple[Path, dict[str, str]]:
     """Returns (the record file, its {relative path: sha256}) of a folder that records hashes (see RECORDS)."""
     folder = Path(folder)
-    for name in RECORDS:
+    for name, key in RECORDS.items():
         record = folder / name
         if record.is_file():
             try:
-                files = json.loads(record.read_text()).get("files")
+                files = json.loads(record.read_text()).get(key)
             except (OSError, ValueError, AttributeError) as err:
                 raise IntegrityError(f"{record} is unreadable ({err}); convert or download the weights again.",
                                      [name]) from err

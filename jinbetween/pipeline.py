@@ -31,7 +31,7 @@ from jinbetween.models.state import ModelState
 from jinbetween.delta import BACKWARD_DELTA, Delta, load_delta, save_delta
 from jinbetween.errors import WeightsNotFoundError
 from jinbetween.samplers import METHODS, Method
-from jinbetween.samplers.core import Draws, Sampled, sampling_progress
+from jinbetween.samplers.core import Draws, sampling_progress
 from jinbetween.samplers.i2v import I2VConfig, sample_i2v
 from jinbetween.video import check_size
 
@@ -217,14 +217,12 @@ class Pipeline:
         raises if a video's frames hold NaN or Inf (`first_index` numbers the videos in the message)."""
         return self._fetched([self.vae.decode_video(video, chunk_size) for video in latents], output, first_index)
 
-    def _fetched(self, videos: jax.Array | list[jax.Array], output: str, first_index: int) -> np.ndarray:
-        """Returns decoded videos (raw, in [-1, 1]; an array `[B, ...]` or a list of `[F, ...]`) on the host as
-        `output`; raises DivergedError for the first video whose frames hold NaN or Inf (after checking the
-        weights)."""
-        parts = [_device_output(v[None], output) for v in videos] if isinstance(videos, list) else \
-            [_device_output(videos, output)]
-        frames = np.concatenate([np.asarray(part) for part, _ in parts])
-        finite = np.concatenate([np.asarray(ok) for _, ok in parts])
+    def _fetched(self, videos: jax.Array | list[jax.Array], output: str, first_index: int,
+                 count: int | None = None) -> np.ndarray:
+        """Returns the first `count` (default all) decoded videos (raw, in [-1, 1]; an array `[B, ...]` or a list of
+        `[F, ...]`) on the host as `output`; raises DivergedError for the first whose frames hold NaN or Inf (after
+        checking the weights)."""
+        frames, finite = (part[:count] for part in _fetch(videos, output))
         if not finite.all():
             self._check_weights(None)
             video = first_index + int(np.argmin(finite))
@@ -399,9 +397,7 @@ class Pipeline:
         def fetch(results: tuple[jax.Array, Any], position: int, count: int) -> np.ndarray:
             diverged_at, videos = results
             self._check_sampled(np.asarray(diverged_at)[:count], cfg, spec.name, first_index + position, delta)
-            if output == "latent":
-                return np.asarray(videos)[:count]
-            return self._fetched(videos[:count], output, first_index + position)
+            return self._fetched(videos, output, first_index + position, count)
 
         return _pipelined(chunks, run, fetch, progress, total)
 
@@ -528,6 +524,18 @@ def _pipelined(chunks: Iterator[tuple[int, np.ndarray, np.ndarray, jax.Array]], 
                 position += count
                 bar.update(count)
             previous = current
+
+
+def _fetch(videos: jax.Array | list[jax.Array], output: str) -> tuple[np.ndarray, np.ndarray]:
+    """Returns a chunk's results on the host, latents or frames (raw, in [-1, 1]) as `output` asks, and `[B]`
+    whether each video's frames are finite (latents: True, the sampler checks them)."""
+    if output == "latent":
+        latents = np.asarray(videos)
+        return latents, np.ones(len(latents), bool)
+    parts = [_device_output(v[None], output) for v in videos] if isinstance(videos, list) else \
+        [_device_output(videos, output)]
+    return (np.concatenate([np.asarray(part) for part, _ in parts]),
+            np.concatenate([np.asarray(finite) for _, finite in parts]))
 
 
 def _pair_chunks(pairs: Iterable[Pair], batch_size: int, key: jax.Array,
