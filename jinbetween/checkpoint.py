@@ -35,14 +35,13 @@ class TrainingCheckpoints:
 
     Each holds a tree of arrays (nested dicts with string keys) and a JSON record (data position, run settings).
     Saves are synchronous: the training step donates its state buffers, so they must be on disk first. A save is
-    written to a temporary folder and renamed when complete (orbax), so a killed run leaves its last complete
-    checkpoints; the leftover of an interrupted save is removed when the checkpoints are opened again.
+    written to a temporary folder and renamed when complete (orbax), so a run killed while saving leaves its last
+    complete checkpoints (tests/test_faults.py kills one and resumes it); saving that step again replaces the
+    leftover temporary folder.
     """
 
     def __init__(self, directory: str | os.PathLike, keep: int = 3):
-        # A save killed before its rename leaves a temporary folder that would block saving that step again.
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
-                                               cleanup_tmp_directories=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
         self.directory = Path(directory).absolute()
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 

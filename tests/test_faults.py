@@ -359,6 +359,7 @@ def test_a_finetune_killed_while_writing_a_checkpoint_resumes_bit_for_bit(pipeli
     leftovers = sorted(p.name for p in (parts / "checkpoints").iterdir())
     assert "2" in leftovers and "4" not in leftovers and any(".orbax-checkpoint-tmp" in n for n in leftovers), leftovers
     resumed = finetune(pipe, dataset, parts, run, train, resume=True)
+    assert sorted(p.name for p in (parts / "checkpoints").iterdir()) == ["2", "4", "5"], "a leftover remains"
     logged = [(tmp_path / d / LOG_FILE).read_text().splitlines() for d in ("whole", "parts")]
     assert [json.loads(line)["loss"] for line in logged[1]] == [json.loads(line)["loss"] for line in logged[0]]
     a, b = load_delta(whole, pipe.unet.config), load_delta(resumed, pipe.unet.config)
