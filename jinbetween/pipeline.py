@@ -281,12 +281,12 @@ class Pipeline:
         batched = isinstance(image, (list, tuple))
         images = _as_uint8_batch(image if batched else [image])
         num_frames = self.unet.config.num_frames if num_frames is None else num_frames
-        aug_keys, noise_keys = _sample_keys(key, first_index, len(images))
-        cond = self.encode(images, keys=aug_keys, aug_noise=_batch_of(aug_noise, batched), fps=fps,
-                           motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength)
         cfg = I2VConfig(num_frames=num_frames, num_steps=num_inference_steps, min_guidance_scale=min_guidance_scale,
                         max_guidance_scale=max_guidance_scale, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
                         progress=progress)
+        aug_keys, noise_keys = _sample_keys(key, first_index, len(images))
+        cond = self.encode(images, keys=aug_keys, aug_noise=_batch_of(aug_noise, batched), fps=fps,
+                           motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength)
         with _progress_bar(len(cfg.program()) if progress else 0):
             sampled = sample_i2v(self._unet_state, cond, noise_keys, cfg, _batch_of(latents, batched))
         self._check_sampled(sampled.diverged_at, cfg, "i2v", first_index)

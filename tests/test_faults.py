@@ -6,6 +6,7 @@ nothing that looks complete and runs again. Tiny random models on CPU.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,12 +24,13 @@ from safetensors.numpy import load_file
 from jinbetween import Pipeline, atomic, cli, conversion, data, integrity
 from jinbetween.conversion import MANIFEST, UNET_COMPONENT, write_safetensors
 from jinbetween.delta import load_delta
-from jinbetween.errors import DivergedError, IntegrityError, NonFiniteWeightsError
+from jinbetween.errors import ConfigError, DivergedError, IntegrityError, NonFiniteWeightsError
 from jinbetween.finetune import LOG_FILE, RunConfig, TrainConfig, finetune
 from jinbetween.models import UNet
 from jinbetween.samplers import Draws, StepProgram
 from jinbetween.samplers.core import Move, run_program
-from jinbetween.toyworld import release
+from jinbetween.toyworld import release, world
+from jinbetween.toyworld.world import WorldConfig
 from jinbetween.video import write_video
 from tests.helpers import torch_single_thread  # noqa: F401 - autouse: torch on one thread
 from tests.torch_reference import diffusers_svd_pipeline
@@ -94,6 +96,61 @@ def flip_middle(file, size: int = 4096) -> None:
 
 def hidden(folder) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+# --------------------------------------------------------------------------------------------------
+# The Python entry points check their arguments before any work, as the CLI does.
+
+API_CASES = [
+    ("image_to_video", dict(num_inference_steps=0), "num_inference_steps=0"),
+    ("image_to_video", dict(num_frames=0), "num_frames=0"),
+    ("image_to_video", dict(fps=-5), "fps=-5"),
+    ("image_to_video", dict(decode_chunk_size=0), "decode_chunk_size=0"),
+    ("image_to_video", dict(noise_aug_strength=float("nan")), "noise_aug_strength=nan"),
+    ("image_to_video", dict(max_guidance_scale=float("inf")), "max_guidance_scale=inf"),
+    ("image_to_video", dict(output="png"), "output='png'"),
+    ("image_to_video", dict(first_index=-1), "first_index=-1"),
+    ("interpolate", dict(num_frames=2), "num_frames=2"),
+    ("interpolate", dict(noise_injection_steps=-3), "noise_injection_steps=-3"),
+    ("interpolate", dict(method="trf", num_steps=4), "num_steps is not a trf option"),
+    ("interpolate", dict(method="fancy"), "Unknown method 'fancy'"),
+    ("interpolate", dict(motion_bucket_id=-1), "motion_bucket_id=-1"),
+    ("interpolate_batch", dict(batch_size=0), "batch_size=0"),
+    ("interpolate_batch", dict(method="mpd", parallel_repeats=1.5), "parallel_repeats=1.5"),
+]
+
+
+@pytest.mark.parametrize("entry, kwargs, fragment", API_CASES, ids=[f"{e}-{f}" for e, _, f in API_CASES])
+def test_pipeline_methods_refuse_bad_arguments_before_any_work(pipeline, monkeypatch, entry, kwargs, fragment):
+    monkeypatch.setattr(Pipeline, "encode", lambda *a, **k: pytest.fail("started work before checking arguments"))
+    image = np.zeros((H, W, 3), np.uint8)
+    call = getattr(pipeline, entry)
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        if entry == "image_to_video":
+            call(image, **kwargs)
+        elif entry == "interpolate":
+            call(image, image, **{"allow_untrained_backward": True, **kwargs})
+        else:
+            call([(image, image)], **{"allow_untrained_backward": True, **kwargs})
+
+
+def test_a_good_pipeline_call_gets_to_work(pipeline, monkeypatch):
+    """The negative control of the table above: valid arguments reach the keyframe encoding."""
+    monkeypatch.setattr(Pipeline, "encode", lambda *a, **k: pytest.fail("reached encode"))
+    with pytest.raises(pytest.fail.Exception, match="reached encode"):
+        pipeline.interpolate(np.zeros((H, W, 3), np.uint8), np.zeros((H, W, 3), np.uint8), method="vibid",
+                             num_frames=F, num_inference_steps=2)
+
+
+def test_finetune_settings_are_checked_when_made():
+    with pytest.raises(ConfigError, match="steps=0"):
+        RunConfig(steps=0)
+    with pytest.raises(ConfigError, match=re.escape("seed=-1")):
+        RunConfig(steps=1, seed=-1)
+    with pytest.raises(ConfigError, match=re.escape("learning_rate=-0.1")):
+        TrainConfig(learning_rate=-0.1)
+    with pytest.raises(ConfigError, match="remat='some'"):
+        TrainConfig(remat="some")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,6 +335,26 @@ def test_a_failed_write_leaves_the_previous_output_and_no_partial_file(tmp_path,
             (staging / "half").write_text("x")
             raise RuntimeError
     assert not (tmp_path / "folder").exists() and hidden(tmp_path) == []
+
+
+def test_an_interrupted_dataset_leaves_no_folder_and_is_written_again(tmp_path, monkeypatch):
+    cfg = WorldConfig(height=32, width=32, num_frames=3)
+    rendered = []
+
+    def interrupted(seed, cfg):
+        if rendered:
+            raise KeyboardInterrupt
+        rendered.append(seed)
+        return real(seed, cfg)
+
+    real = world.video
+    monkeypatch.setattr(world, "video", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        world.write_dataset(tmp_path, "validation", 2, cfg)
+    assert list(tmp_path.iterdir()) == [], "the interrupted dataset left files"
+    monkeypatch.setattr(world, "video", real)
+    folder = world.write_dataset(tmp_path, "validation", 2, cfg)
+    assert len([p for p in folder.iterdir() if p.is_dir()]) == 2 and (folder / "world.json").exists()
 
 
 KILL_CONVERSION = """
