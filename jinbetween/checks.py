@@ -33,8 +33,8 @@ def refuse(name: str, value: Any, problem: str, fix: str) -> NoReturn:
 
 def _bounds(minimum, maximum, above) -> str:
     text = lambda bound: str(bound) if isinstance(bound, numbers.Integral) else f"{bound:g}"  # noqa: E731
-    parts = ([f"> {text(above)}"] if above is not None else []) + \
-        ([f"≥ {text(minimum)}"] if minimum is not None else []) + ([f"≤ {text(maximum)}"] if maximum is not None else [])
+    parts = [f"{sign} {text(bound)}" for sign, bound in ((">", above), ("≥", minimum), ("≤", maximum))
+             if bound is not None]
     return " and ".join(parts)
 
 

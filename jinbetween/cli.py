@@ -1,8 +1,8 @@
 """`jinbetween` command line: `convert` weights, `interpolate` between two keyframes, `batch` (many pairs over
 every local device), `i2v` (image to video), `finetune` a GI backward delta on your videos, `verify` a weights dir.
 
-Every command checks all of its arguments (`CHECKS`) before it loads a model or writes anything: a bad one is a
-one-line `error: …` on stderr and exit status 2, as are the library's own errors (`JinbetweenError`).
+Every command checks all of its arguments (its `check_*_arguments`) before it loads a model or writes anything: a bad
+one is a one-line `error: …` on stderr and exit status 2, as are the library's own errors (`JinbetweenError`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -59,9 +60,8 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
                          "(default 0: they must be equal)")
 
 
-def check_convert_arguments(args: argparse.Namespace) -> argparse.Namespace:
-    """Returns `args` if they name something to convert, existing sources and a usable --out; raises ArgumentError
-    otherwise."""
+def check_convert_arguments(args: argparse.Namespace) -> None:
+    """Raises ArgumentError unless `args` name something to convert, existing sources and a usable --out."""
     from jinbetween import conversion
 
     if args.gi_unet and not args.gi_base:
@@ -86,12 +86,9 @@ def check_convert_arguments(args: argparse.Namespace) -> argparse.Namespace:
         conversion.check_out_dir(args.out)
     except ConfigError as err:
         raise ArgumentError(str(err)) from err
-    return args
 
 
 def _is_repo_id(text: str) -> bool:
-    import re
-
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) is not None
 
 
@@ -181,8 +178,8 @@ def video_size(args: argparse.Namespace, info, first_frame) -> tuple[int, int]:
     return args.height or height, args.width or width
 
 
-def check_method_arguments(args: argparse.Namespace) -> dict[str, object]:
-    """Returns the --set options after checking them, --backward-delta and GI's need of a backward model."""
+def check_method_arguments(args: argparse.Namespace) -> None:
+    """Raises unless the --set options, --backward-delta and (for GI) a backward model are usable."""
     from jinbetween.delta import BACKWARD_DELTA
     from jinbetween.pipeline import check_method_options, weights_info
 
@@ -198,7 +195,6 @@ def check_method_arguments(args: argparse.Namespace) -> dict[str, object]:
         raise ArgumentError("GI needs its backward model, and the weights have no gi_backward/: pass --backward-delta "
                             "PATH (from `jinbetween finetune` or `jinbetween convert --gi-unet`), another --method, "
                             "or --allow-untrained-backward for the paper's ablation without fine-tuning.")
-    return options
 
 
 def weights_or_default(weights: str | None) -> str | None:

@@ -2,7 +2,8 @@
 
 Three kinds of folder record hashes as `{relative path: sha256}`: a converted dir (`manifest.json`, key "files",
 written by `jinbetween convert`), a release such as the shipped toy-world model (`release.json`, key "files") and a
-GI backward delta (`delta.json`, key "sha256"; its "files" are those of the UNet it was converted from). Hashing a converted SVD-XT takes seconds, so loads keep the hashes they computed in a cache keyed by
+GI backward delta (`delta.json`, key "sha256"; its "files" are those of the UNet it was converted from). Hashing a
+converted SVD-XT takes seconds, so loads keep the hashes they computed in a cache keyed by
 path, size and modification time (`~/.cache/jinbetween/sha256.json`; `$JINBETWEEN_HASH_CACHE` names another file or
 `off`): later loads re-hash only files that changed. `verify_folder(..., use_cache=False)` (`jinbetween verify`)
 re-hashes everything, which also finds damage that left the size and time alone.
