@@ -425,7 +425,7 @@ def run_interpolate(args: argparse.Namespace) -> None:
     start, end = video.read_keyframe(args.start), video.read_keyframe(args.end)
     pipe, height, width = load_and_size(args, start)
     if args.backward_delta:
-        pipe.load_backward_delta(args.backward_delta)
+        pipe.load_backward_delta(args.backward_delta, verify=args.verify)
     fps = args.fps or METHODS[args.method].fps
     frames = pipe.interpolate(
         video.fit_image(start, height, width, args.resize), video.fit_image(end, height, width, args.resize),
@@ -605,7 +605,7 @@ def run_batch(args: argparse.Namespace) -> None:
                             f"of {mesh.size}, or fewer --devices.")
     pipe, height, width = load_and_size(args, video.read_keyframe(mine[0].start))
     if args.backward_delta:
-        pipe.load_backward_delta(args.backward_delta)
+        pipe.load_backward_delta(args.backward_delta, verify=args.verify)
     fps = args.fps or METHODS[args.method].fps
 
     def keyframes():

@@ -175,9 +175,10 @@ class Pipeline:
         if self.backward_delta is not None:
             save_delta(path / BACKWARD_DELTA, self.backward_delta, self.unet.config)
 
-    def load_backward_delta(self, path: str | os.PathLike) -> None:
-        """Uses the GI backward delta saved at `path` (a converted `gi_backward/` or a fine-tune's output)."""
-        self.backward_delta = load_delta(path, self.unet.config)
+    def load_backward_delta(self, path: str | os.PathLike, *, verify: bool = True) -> None:
+        """Uses the GI backward delta saved at `path` (a converted `gi_backward/` or a fine-tune's output), its files
+        checked against the sha256 in its delta.json unless `verify=False`."""
+        self.backward_delta = load_delta(path, self.unet.config, verify=verify)
 
     @property
     def size_multiple(self) -> int:
