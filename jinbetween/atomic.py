@@ -8,6 +8,7 @@ gone.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import secrets
@@ -37,7 +38,7 @@ def remove_stale(path: Path) -> None:
     """Removes the temporary siblings that interrupted writes of `path` left (their process is gone)."""
     if not path.parent.is_dir():
         return
-    for leftover in path.parent.glob(f".{path.name}{_PARTIAL}*"):
+    for leftover in path.parent.glob(glob.escape(f".{path.name}{_PARTIAL}") + "*"):
         pid = leftover.name[len(f".{path.name}{_PARTIAL}"):].split("-", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
             _remove(leftover)

@@ -351,10 +351,19 @@ def check_run_dir(out_dir: str | os.PathLike, resume: bool) -> None:
 
 
 def _read_log(path: Path, up_to_step: int) -> list[dict]:
-    """The logged steps 1..up_to_step (a crash after the last checkpoint leaves later lines, redone on resume)."""
+    """The logged steps 1..up_to_step (a crash after the last checkpoint leaves later lines, redone on resume; a
+    crash while a line was appended leaves it cut short, so a last line that is not JSON is dropped too)."""
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number < len(lines):
+                raise ConfigError(f"{path} line {number} is not JSON ({err.msg}); remove that line, or start the run "
+                                  "in a new output dir.") from err
     return [r for r in records if r["step"] <= up_to_step]
 
 

@@ -439,6 +439,8 @@ def test_a_finetune_killed_while_writing_a_checkpoint_resumes_bit_for_bit(pipeli
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     leftovers = sorted(p.name for p in (parts / "checkpoints").iterdir())
     assert "2" in leftovers and "4" not in leftovers and any(".orbax-checkpoint-tmp" in n for n in leftovers), leftovers
+    with open(parts / LOG_FILE, "a") as log:  # as if killed while appending a line too
+        log.write('{"step": 5, "lo')
     resumed = finetune(pipe, dataset, parts, run, train, resume=True)
     assert sorted(p.name for p in (parts / "checkpoints").iterdir()) == ["2", "4", "5"], "a leftover remains"
     logged = [(tmp_path / d / LOG_FILE).read_text().splitlines() for d in ("whole", "parts")]
