@@ -85,6 +85,7 @@ def cached_hashes(folder: str | os.PathLike, names: Iterable[str]) -> dict[str, 
         if time.time() - stamp[1] / 1e9 > _FRESH_SECONDS:
             cache[str(file)], changed = [*stamp, hashes[name]], True
     if changed and path is not None:
+        cache = {file: entry for file, entry in cache.items() if os.path.exists(file)}  # forget deleted files
         try:
             atomic.write_text(path, json.dumps(cache))
         except OSError:
