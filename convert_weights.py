@@ -16,10 +16,10 @@ unet/ is downloaded), alone or beside the SVD-XT pipeline it is later added to:
 import argparse
 import sys
 
-from jinbetween.cli import add_convert_arguments, check_convert_arguments, main
+from jinbetween.cli import add_convert_arguments, main
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_convert_arguments(parser)
-    check_convert_arguments(parser.parse_args())  # --help and argument errors here, with this script's name
+    parser.parse_args()  # --help with this script's name; `main` checks the arguments before converting
     sys.exit(main(["convert", *sys.argv[1:]]))

@@ -67,7 +67,8 @@ def run_jax(args) -> dict:
     cfg = I2VConfig(num_frames=args.frames, num_steps=args.steps)
     encode = timed(lambda: jax.block_until_ready(pipe.encode(image, keys=sample_keys)), args.repeats)
     cond = encode[2]
-    sample = timed(lambda: jax.block_until_ready(sample_i2v(pipe._unet_state, cond, sample_keys, cfg)), args.repeats)
+    sample = timed(lambda: jax.block_until_ready(sample_i2v(pipe._unet_state, cond, sample_keys, cfg).latents),
+                   args.repeats)
     decode = timed(lambda: pipe.decode(sample[2], args.decode_chunk_size), args.repeats)
     stats = jax.devices()[0].memory_stats() or {}
     return {"impl": "jinbetween", "dtype": jnp.dtype(dtype).name, "versions": {"jax": jax.__version__},

@@ -450,7 +450,7 @@ def jax_run(sizes: Sizes, method: str, options: dict, repeats: int, steps: int |
     outputs = []
 
     def sample():
-        outputs.append(jax.block_until_ready(compiled(pipe._unet_state, *conditioning, sample_keys, *extra)))
+        outputs.append(jax.block_until_ready(compiled(pipe._unet_state, *conditioning, sample_keys, *extra).latents))
 
     # Compiled ahead of time, so the first execution is a warm one: all `repeats` executions count.
     phases["sample"] = {"compile_s": compile_s, **timed_calls(sample, repeats - 1, warm_up_counts=True)}

@@ -34,7 +34,10 @@ class TrainingCheckpoints:
     """The numbered checkpoints of a training run in `directory` (orbax CheckpointManager), the last `keep` kept.
 
     Each holds a tree of arrays (nested dicts with string keys) and a JSON record (data position, run settings).
-    Saves are synchronous: the training step donates its state buffers, so they must be on disk first.
+    Saves are synchronous: the training step donates its state buffers, so they must be on disk first. A save is
+    written to a temporary folder and renamed when complete (orbax), so a run killed while saving leaves its last
+    complete checkpoints (tests/test_faults.py kills one and resumes it); saving that step again replaces the
+    leftover temporary folder.
     """
 
     def __init__(self, directory: str | os.PathLike, keep: int = 3):

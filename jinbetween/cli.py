@@ -1,5 +1,9 @@
 """`jinbetween` command line: `convert` weights, `interpolate` between two keyframes, `batch` (many pairs over
-every local device), `i2v` (image to video), `finetune` a GI backward delta on your videos."""
+every local device), `i2v` (image to video), `finetune` a GI backward delta on your videos, `verify` a weights dir.
+
+Every command checks all of its arguments (its `check_*_arguments`) before it loads a model or writes anything: a bad
+one is a one-line `error: …` on stderr and exit status 2, as are the library's own errors (`JinbetweenError`).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,24 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-from jinbetween.errors import ConfigError, JinbetweenError
+from jinbetween import atomic, checks
+from jinbetween.checks import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+from jinbetween.errors import ArgumentError, ConfigError, JinbetweenError
 from jinbetween.video import RESIZE_MODES
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line that points to `--help` (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message}; see `{self.prog} --help`.\n")
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,27 +58,43 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     gi.add_argument("--gi-atol", type=float, default=0.0,
                     help="largest difference allowed between the untrained tensors of --gi-unet and --gi-base "
                          "(default 0: they must be equal)")
-    parser.set_defaults(convert_parser=parser)
 
 
-def check_convert_arguments(args: argparse.Namespace) -> argparse.Namespace:
-    """Returns `args` if they name something to convert; otherwise exits with an argparse usage error."""
-    error = args.convert_parser.error
+def check_convert_arguments(args: argparse.Namespace) -> None:
+    """Raises ArgumentError unless `args` name something to convert, existing sources and a usable --out."""
+    from jinbetween import conversion
+
     if args.gi_unet and not args.gi_base:
-        error("--gi-unet needs --gi-base, the UNet it was fine-tuned from (for GI's release: "
-              "--gi-base stabilityai/stable-video-diffusion-img2vid)")
+        raise ArgumentError("--gi-unet needs --gi-base: pass the UNet it was fine-tuned from (for GI's release: "
+                            "--gi-base stabilityai/stable-video-diffusion-img2vid)")
     if args.gi_base and not args.gi_unet:
-        error("--gi-base is the base of --gi-unet; pass --gi-unet too")
+        raise ArgumentError("--gi-base is the base of --gi-unet; pass --gi-unet too")
     if not (args.repo or args.local_dir or args.gi_unet):
-        error("nothing to convert: pass --repo or --local-dir (an SVD pipeline), --gi-unet with --gi-base (GI's "
-              "backward model as a delta), or both")
-    return args
+        raise ArgumentError("nothing to convert: pass --repo or --local-dir (an SVD pipeline), --gi-unet with "
+                            "--gi-base (GI's backward model as a delta), or both")
+    for name, repo in (("--repo", args.repo), ("--gi-base", args.gi_base)):
+        if repo and not Path(repo).exists() and not _is_repo_id(repo):
+            checks.refuse(name, repo, "is neither an existing folder nor a Hugging Face repo id (OWNER/NAME)",
+                          "check the path, or pass a repo id like stabilityai/stable-video-diffusion-img2vid")
+    if args.local_dir:
+        checks.input_path(args.local_dir, "--local-dir", "the diffusers folder", folder=True)
+    if args.gi_unet:
+        checks.input_path(args.gi_unet, "--gi-unet", "the fine-tuned UNet folder", folder=True)
+    checks.number(args.gi_atol, "--gi-atol", "the tolerance", minimum=0, example=0)
+    checks.output_dir(args.out, "--out")
+    try:
+        conversion.check_out_dir(args.out)
+    except ConfigError as err:
+        raise ArgumentError(str(err)) from err
+
+
+def _is_repo_id(text: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) is not None
 
 
 def run_convert(args: argparse.Namespace) -> None:
     from jinbetween import conversion
 
-    check_convert_arguments(args)
     if args.repo or args.local_dir:
         if args.repo:
             folder = conversion.download_pipeline(args.repo, revision=args.revision, variant=args.variant,
@@ -102,6 +133,68 @@ def add_video_arguments(parser: argparse.ArgumentParser, *, out: bool = True) ->
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
                         help="parameter dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    add_verify_argument(parser)
+
+
+def add_verify_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="load the weights without checking their files against the sha256 recorded beside "
+                             "them (faster on a first load; later loads use cached hashes anyway)")
+
+
+def check_video_arguments(args: argparse.Namespace, keyframe: str, *, min_frames: int) -> None:
+    """Raises ArgumentError (or the weights' and keyframe's own errors) unless the options shared by the
+    generating commands are usable: weights that exist, a video size they accept, settings in range."""
+    from jinbetween import video
+    from jinbetween.pipeline import MAX_FPS, MIN_FPS, weights_info
+
+    checks.seed(args.seed)
+    if args.num_frames is not None:
+        checks.integer(args.num_frames, "--num-frames", "the frame count" + (
+            ", keyframes included," if min_frames > 2 else ""), minimum=min_frames, example=max(min_frames, 14))
+    if args.steps is not None:
+        checks.integer(args.steps, "--steps", "the denoising steps", minimum=1, example=25)
+    if args.fps is not None:
+        checks.number(args.fps, "--fps", "the frame rate", minimum=MIN_FPS, maximum=MAX_FPS, example=7)
+    checks.number(args.motion_bucket_id, "--motion-bucket-id", "the motion bucket", minimum=0, example=127)
+    checks.number(args.noise_aug_strength, "--noise-aug-strength", "the keyframe noise level", minimum=0,
+                  example=0.02)
+    if args.decode_chunk_size is not None:
+        checks.integer(args.decode_chunk_size, "--decode-chunk-size", "the frames decoded at once", minimum=1,
+                       example=8)
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None:
+            checks.integer(value, f"--{name}", f"the video {name}", minimum=1,
+                           example=576 if name == "height" else 1024)
+    info = weights_info(args.weights)
+    video.check_size(*video_size(args, info, video.read_keyframe(keyframe)), info.size_multiple)
+
+
+def video_size(args: argparse.Namespace, info, first_frame) -> tuple[int, int]:
+    """Returns (height, width): --height/--width, else the weights' default size (turned portrait for a portrait
+    keyframe)."""
+    height, width = info.default_size if first_frame.shape[1] >= first_frame.shape[0] else info.default_size[::-1]
+    return args.height or height, args.width or width
+
+
+def check_method_arguments(args: argparse.Namespace) -> None:
+    """Raises unless the --set options, --backward-delta and (for GI) a backward model are usable."""
+    from jinbetween.delta import BACKWARD_DELTA
+    from jinbetween.pipeline import check_method_options, weights_info
+
+    options = parse_options(args.options)
+    check_method_options(args.method, options)
+    if args.backward_delta:
+        checks.input_path(args.backward_delta, "--backward-delta", "the backward delta", folder=True)
+        if not (Path(args.backward_delta) / "delta.json").is_file():
+            checks.refuse("--backward-delta", args.backward_delta, "holds no delta.json, so it is not a backward "
+                          "delta", f"pass a fine-tune's RUN/{BACKWARD_DELTA} or a converted dir's {BACKWARD_DELTA}")
+    elif (args.method == "gi" and not args.allow_untrained_backward
+          and not weights_info(args.weights).has_backward_delta):
+        raise ArgumentError("GI needs its backward model, and the weights have no gi_backward/: pass --backward-delta "
+                            "PATH (from `jinbetween finetune` or `jinbetween convert --gi-unet`), another --method, "
+                            "or --allow-untrained-backward for the paper's ablation without fine-tuning.")
 
 
 def weights_or_default(weights: str | None) -> str | None:
@@ -138,6 +231,43 @@ def add_bench_arguments(parser: argparse.ArgumentParser, *, demo: bool) -> None:
         parser.add_argument("--out", help="also write the record as JSON here")
 
 
+def check_bench_arguments(args: argparse.Namespace) -> None:
+    """Checks the options of `demo` and `toybench` (see `add_bench_arguments`)."""
+    from jinbetween.pipeline import weights_info
+    from jinbetween.toyworld.world import SPLITS
+
+    if args.steps is not None:
+        checks.integer(args.steps, "--steps", "the denoising steps", minimum=1, example=10)
+    checks.seed(args.seed)
+    checks.integer(args.pairs, "--pairs", "the held-out pairs", minimum=1, maximum=len(SPLITS["test"]), example=1)
+    if args.command == "demo":
+        checks.output_dir(args.out_dir, "--out-dir")
+    else:
+        checks.integer(args.batch_size, "--batch-size", "the pairs generated at once", minimum=1, example=25)
+        if args.out:
+            checks.output_file(args.out, "--out", (".json",), "the benchmark record")
+    weights_info(args.weights)
+    if args.backward_delta:
+        checks.input_path(Path(args.backward_delta) / "delta.json", "--backward-delta", "the backward delta's "
+                          "delta.json", folder=False)
+
+
+def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", help="a converted weights dir (manifest.json), a release such as the toy-world "
+                                    "model (release.json) or a backward delta (delta.json)")
+
+
+def check_verify_arguments(args: argparse.Namespace) -> None:
+    checks.input_path(args.dir, "dir", "the folder to verify", folder=True)
+
+
+def run_verify(args: argparse.Namespace) -> None:
+    from jinbetween import integrity
+
+    count = integrity.verify_folder(args.dir)
+    print(f"{args.dir}: all {count} files match their recorded sha256")
+
+
 def _bench_pipeline(args: argparse.Namespace):
     from jinbetween.pipeline import Pipeline
 
@@ -159,13 +289,11 @@ def run_demo(args: argparse.Namespace) -> None:
 
 
 def run_toybench(args: argparse.Namespace) -> None:
-    import json
-
     from jinbetween.toyworld import bench
 
     def save(record: dict) -> None:
         if args.out:
-            Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+            atomic.write_json(args.out, record)
 
     record = bench.toybench(_bench_pipeline(args), args.pairs, args.methods, seed=args.seed, num_steps=args.steps,
                             batch_size=args.batch_size, method_fps=args.method_fps, on_update=save)
@@ -179,12 +307,11 @@ def load_and_size(args: argparse.Namespace, first_frame):
     """Returns (Pipeline, height, width): the weights in the chosen dtype and the checked video size
     (default: the pipeline's, turned portrait for a portrait keyframe)."""
     from jinbetween import video
-    from jinbetween.pipeline import Pipeline
+    from jinbetween.pipeline import Pipeline, weights_info
 
+    height, width = video_size(args, weights_info(args.weights), first_frame)
     pipe = Pipeline.from_pretrained(weights_or_default(args.weights),
-                                    dtype=None if args.dtype == "auto" else DTYPES[args.dtype])
-    height, width = pipe.default_size if first_frame.shape[1] >= first_frame.shape[0] else pipe.default_size[::-1]
-    height, width = args.height or height, args.width or width
+                                    dtype=None if args.dtype == "auto" else DTYPES[args.dtype], verify=args.verify)
     video.check_size(height, width, pipe.size_multiple)
     return pipe, height, width
 
@@ -198,6 +325,21 @@ def add_i2v_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=float, default=7, help="frame rate, conditions the motion and the output (7)")
     parser.add_argument("--min-guidance", type=float, default=1.0, help="guidance at the first frame (1.0)")
     parser.add_argument("--max-guidance", type=float, default=3.0, help="guidance at the last frame (3.0)")
+
+
+def check_i2v_arguments(args: argparse.Namespace) -> None:
+    checks.output_file(args.out, "--out", VIDEO_SUFFIXES, "the video")
+    if args.sheet:
+        checks.output_file(args.sheet, "--sheet", IMAGE_SUFFIXES, "the contact sheet")
+        _distinct(args.out, args.sheet)
+    checks.number(args.min_guidance, "--min-guidance", "a guidance scale", example=1.0)
+    checks.number(args.max_guidance, "--max-guidance", "a guidance scale", example=3.0)
+    check_video_arguments(args, args.image, min_frames=2)
+
+
+def _distinct(out: str, sheet: str) -> None:
+    if Path(out).absolute() == Path(sheet).absolute():
+        checks.refuse("--sheet", sheet, "is also --out", "give the contact sheet its own file name")
 
 
 def run_i2v(args: argparse.Namespace) -> None:
@@ -224,6 +366,18 @@ def add_interpolate_arguments(parser: argparse.ArgumentParser) -> None:
     add_video_arguments(parser)
     parser.add_argument("--sheet", help="PNG contact sheet of the frames (default: beside --out, *_sheet.png)")
     add_method_arguments(parser)
+
+
+def check_interpolate_arguments(args: argparse.Namespace) -> None:
+    from jinbetween import video
+
+    checks.output_file(args.out, "--out", VIDEO_SUFFIXES, "the video")
+    if args.sheet:
+        checks.output_file(args.sheet, "--sheet", IMAGE_SUFFIXES, "the contact sheet")
+        _distinct(args.out, args.sheet)
+    check_method_arguments(args)
+    video.read_keyframe(args.end)
+    check_video_arguments(args, args.start, min_frames=3)
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
@@ -276,7 +430,7 @@ def run_interpolate(args: argparse.Namespace) -> None:
     start, end = video.read_keyframe(args.start), video.read_keyframe(args.end)
     pipe, height, width = load_and_size(args, start)
     if args.backward_delta:
-        pipe.load_backward_delta(args.backward_delta)
+        pipe.load_backward_delta(args.backward_delta, verify=args.verify)
     fps = args.fps or METHODS[args.method].fps
     frames = pipe.interpolate(
         video.fit_image(start, height, width, args.resize), video.fit_image(end, height, width, args.resize),
@@ -290,7 +444,6 @@ def run_interpolate(args: argparse.Namespace) -> None:
 
 
 PAIR_FIELDS = ("start", "end", "out", "seed")
-VIDEO_SUFFIXES = (".mp4", ".gif")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,12 +482,28 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     hosts.add_argument("--process-id", type=int, help="this process's index, 0 to num-processes − 1")
 
 
+def check_batch_arguments(args: argparse.Namespace) -> None:
+    checks.output_dir(args.out_dir, "--out-dir")
+    if args.batch_size is not None:
+        checks.integer(args.batch_size, "--batch-size", "the pairs generated at once", minimum=1, example=8)
+    if args.devices is not None:
+        checks.integer(args.devices, "--devices", "the device count", minimum=1, example=1)
+    if args.num_processes is not None:
+        checks.integer(args.num_processes, "--num-processes", "the process count", minimum=1, example=2)
+    if args.process_id is not None:
+        checks.integer(args.process_id, "--process-id", "the process index", minimum=0,
+                       maximum=None if args.num_processes is None else args.num_processes - 1, example=0)
+    check_method_arguments(args)
+    pairs = read_pairs(args.pairs, args.format)
+    check_video_arguments(args, str(pairs[0].start), min_frames=3)
+
+
 def read_pairs(path: str | Path, video_format: str = "mp4") -> list[PairLine]:
     """Returns the pairs of a `batch` JSON Lines file, every line checked (fields, keyframe files, output names);
     raises ConfigError listing each bad line."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"Pairs file {path} does not exist.")
+        raise ConfigError(f"Pairs file {path} does not exist; check the path.")
     problems: list[str] = []
     pairs: list[PairLine] = []
     outs: dict[str, int] = {}  # output name -> line number
@@ -360,11 +529,13 @@ def read_pairs(path: str | Path, video_format: str = "mp4") -> list[PairLine]:
             continue
         outs[out] = number
         pairs.append(PairLine(number, start, end, Path(out), entry.get("seed")))
+    example = ('write each line as a JSON object like {"start": "a.png", "end": "b.png", "out": "ab.mp4", "seed": 3} '
+               '("out" and "seed" optional), keyframe paths relative to the file\'s folder.')
+    if len(problems) == 1:
+        raise ConfigError(f"{path} {problems[0]}; {example}")
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  … and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise ConfigError(f"{path} has {len(problems)} problem(s):\n  {shown}\nEach line is a JSON object like "
-                          '{"start": "a.png", "end": "b.png", "out": "ab.mp4", "seed": 3} ("out" and "seed" '
-                          "optional), keyframe paths relative to the file's folder.")
+        raise ConfigError(f"{path} has {len(problems)} problems:\n  {shown}\n{example[0].upper()}{example[1:]}")
     if not pairs:
         raise ConfigError(f"{path} holds no pairs; write one JSON object per line.")
     return pairs
@@ -434,9 +605,12 @@ def run_batch(args: argparse.Namespace) -> None:
     if args.devices is not None and not 1 <= args.devices <= len(devices):
         raise ConfigError(f"--devices {args.devices}: this process has {len(devices)} device(s).")
     mesh = distributed.local_mesh(devices[:args.devices])
+    if args.batch_size is not None and args.batch_size % mesh.size:
+        raise ArgumentError(f"--batch-size {args.batch_size} does not split over {mesh.size} devices; pass a multiple "
+                            f"of {mesh.size}, or fewer --devices.")
     pipe, height, width = load_and_size(args, video.read_keyframe(mine[0].start))
     if args.backward_delta:
-        pipe.load_backward_delta(args.backward_delta)
+        pipe.load_backward_delta(args.backward_delta, verify=args.verify)
     fps = args.fps or METHODS[args.method].fps
 
     def keyframes():
@@ -463,7 +637,7 @@ def run_batch(args: argparse.Namespace) -> None:
                "devices": [str(d) for d in mesh.devices.flat], "process": process, "processes": processes,
                "seconds": seconds, "pairs_per_second": len(records) / seconds, "videos": records}
     summary_path = out_dir / ("summary.json" if processes == 1 else f"summary.process{process}.json")
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    atomic.write_json(summary_path, summary)
     print(f"wrote {len(records)} videos ({args.method}, {height}×{width}) to {out_dir}/ in {seconds:.1f} s "
           f"({len(records) / seconds:.2f} pairs/s on {mesh.size} device(s)) and {summary_path}")
 
@@ -495,24 +669,52 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
                         help="dtype of the frozen model (auto: bfloat16 on GPU, float32 on CPU); the trained "
                              "delta is always float32")
+    add_verify_argument(parser)
+
+
+def _finetune_configs(args: argparse.Namespace):
+    """Returns the (RunConfig, TrainConfig) of the command's options (checked as they are made)."""
+    from jinbetween import finetune
+
+    run = finetune.RunConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                             save_every=args.save_every, keep=args.keep)
+    return run, finetune.TrainConfig(learning_rate=args.lr, remat=args.remat)
+
+
+def check_finetune_arguments(args: argparse.Namespace) -> None:
+    from jinbetween import finetune, video
+    from jinbetween.pipeline import weights_info
+
+    checks.integer(args.steps, "--steps", "the optimizer steps", minimum=1, example=1000)
+    checks.integer(args.frames, "--frames", "the frames per clip", minimum=2, example=14)
+    checks.integer(args.stride, "--stride", "the source-frame stride", minimum=1, example=2)
+    checks.integer(args.batch_size, "--batch-size", "the clips per step", minimum=1, example=1)
+    checks.number(args.lr, "--lr", "the learning rate", above=0, example=1e-4)
+    checks.integer(args.save_every, "--save-every", "the checkpoint interval", minimum=1, example=500)
+    checks.integer(args.keep, "--keep", "the checkpoints kept", minimum=1, example=3)
+    checks.seed(args.seed)
+    checks.integer(args.height, "--height", "the clip height", minimum=1, example=576)
+    checks.integer(args.width, "--width", "the clip width", minimum=1, example=1024)
+    checks.input_path(args.videos, "--videos", "the video folder", folder=True)
+    checks.output_dir(args.out, "--out")
+    finetune.check_run_dir(args.out, args.resume)
+    _finetune_configs(args)
+    video.check_size(args.height, args.width, weights_info(args.weights).size_multiple)
 
 
 def run_finetune(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
-    from jinbetween import data, finetune, video
+    from jinbetween import data, finetune
     from jinbetween.pipeline import Pipeline
 
-    pipe = Pipeline.from_pretrained(args.weights, dtype=None if args.dtype == "auto" else DTYPES[args.dtype],
-                                    attention_impl=args.attention)
-    video.check_size(args.height, args.width, pipe.size_multiple)
     spec = data.ClipSpec(num_frames=args.frames, stride=args.stride, height=args.height, width=args.width,
                          resize=args.resize)
     dataset = data.VideoDataset.scan(args.videos, spec)
     print(f"{len(dataset.sources)} videos usable, {len(dataset.skipped)} skipped")
-    run = finetune.RunConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                             save_every=args.save_every, keep=args.keep)
-    train = finetune.TrainConfig(learning_rate=args.lr, remat=args.remat)
+    run, train = _finetune_configs(args)
+    pipe = Pipeline.from_pretrained(args.weights, dtype=None if args.dtype == "auto" else DTYPES[args.dtype],
+                                    verify=args.verify, attention_impl=args.attention)
     with tqdm(total=args.steps, desc="fine-tune", unit="step") as bar:
         def on_step(step: int, metrics: dict) -> None:
             bar.n = step
@@ -526,7 +728,7 @@ def run_finetune(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jinbetween", description="Generative inbetweening with SVD in JAX.")
+    parser = OneLineParser(prog="jinbetween", description="Generative inbetweening with SVD in JAX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--compile-cache", metavar="DIR|off",
                         help="folder of compiled programs kept between runs, or off (default: "
@@ -536,12 +738,12 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="Convert a diffusers SVD / SVD-XT snapshot (hub repo or local folder) "
                                               "into orbax checkpoints with a manifest.")
     add_convert_arguments(convert)
-    convert.set_defaults(run=run_convert)
+    convert.set_defaults(run=run_convert, check=check_convert_arguments)
     interpolate = commands.add_parser(
         "interpolate", help="generate the video between two keyframes (GI, TRF, MPD, ViBiD)",
         description="Generative inbetweening: the frames between START and END with SVD and the chosen method.")
     add_interpolate_arguments(interpolate)
-    interpolate.set_defaults(run=run_interpolate)
+    interpolate.set_defaults(run=run_interpolate, check=check_interpolate_arguments)
     batch = commands.add_parser(
         "batch", help="interpolate many keyframe pairs listed in a JSON Lines file, over every local device",
         description="Generates the video of every pair in PAIRS (one JSON object per line) with the chosen method, "
@@ -550,39 +752,52 @@ def build_parser() -> argparse.ArgumentParser:
                     "before the model loads. A pair's random draws do not depend on the number of devices "
                     "(videos are bit-identical on CPU).")
     add_batch_arguments(batch)
-    batch.set_defaults(run=run_batch)
+    batch.set_defaults(run=run_batch, check=check_batch_arguments)
     i2v = commands.add_parser("i2v", help="generate a video that starts at an image (plain SVD)",
                               description="Image to video with Stable Video Diffusion: EDM Euler sampling with "
                                           "per-frame classifier-free guidance, as diffusers' pipeline.")
     add_i2v_arguments(i2v)
-    i2v.set_defaults(run=run_i2v)
+    i2v.set_defaults(run=run_i2v, check=check_i2v_arguments)
     tune = commands.add_parser(
         "finetune", help="train a GI backward-motion delta on a folder of videos",
         description="GI's backward-motion fine-tune (Algorithm 1): trains the temporal attn1 W_v/W_o of the base "
                     "model on reversed clips, fed the frozen forward pass's 180°-rotated attention maps; "
                     "resumable; writes a delta that `interpolate --method gi` uses.")
     add_finetune_arguments(tune)
-    tune.set_defaults(run=run_finetune)
+    tune.set_defaults(run=run_finetune, check=check_finetune_arguments)
     demo = commands.add_parser(
         "demo", help="interpolate held-out toy-world pairs with every method (CPU, minutes)",
         description="Runs every method on held-out keyframe pairs of the toy world with the shipped model and writes "
                     "the videos, a contact sheet (ground truth, cross-fade, each method) and a metrics table.")
     add_bench_arguments(demo, demo=True)
-    demo.set_defaults(run=run_demo)
+    demo.set_defaults(run=run_demo, check=check_bench_arguments)
     toybench = commands.add_parser(
         "toybench", help="score every method against toy-world ground truth (PSNR, SSIM, motion)",
         description="The ground-truth benchmark: N held-out toy-world pairs, each method's in-between frames "
                     "against the true frames and sprite paths, beside a linear cross-fade.")
     add_bench_arguments(toybench, demo=False)
-    toybench.set_defaults(run=run_toybench)
+    toybench.set_defaults(run=run_toybench, check=check_bench_arguments)
+    verify = commands.add_parser(
+        "verify", help="check a weights dir's files against the sha256 hashes recorded in it",
+        description="Re-hashes every file of a converted weights dir (manifest.json), a release (release.json) or a "
+                    "backward delta (delta.json) and compares them with the recorded sha256: exit status 0 if all "
+                    "match, 2 naming the changed, missing or unexpected files otherwise.")
+    add_verify_arguments(verify)
+    verify.set_defaults(run=run_verify, check=check_verify_arguments)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Runs one command; returns the exit status: 0 done, 2 a bad argument or another error the user can act on
+    (one `error:` line on stderr, nothing written), 130 interrupted."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error, already printed on one line (2)
+        return exit_.code if isinstance(exit_.code, int) else 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
-        if args.command != "convert":  # conversion compiles nothing worth keeping
+        args.check(args)
+        if args.command not in ("convert", "verify"):  # these compile nothing worth keeping
             from jinbetween import compile_cache
 
             folder = compile_cache.enable(args.compile_cache)
@@ -591,6 +806,10 @@ def main(argv: list[str] | None = None) -> int:
     except JinbetweenError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; outputs are written whole or not at all, so run the command again (fine-tunes: "
+              "with --resume).", file=sys.stderr)
+        return 130
     return 0
 
 

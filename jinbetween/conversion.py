@@ -5,20 +5,23 @@ weights are transposed, conv weights go OIHW → HWIO (OIDHW → DHWIO). Every k
 every shape checked before any tensor data is read; half-precision tensors are upcast to float32
 before any cast to the target dtype.
 
-A converted dir holds `manifest.json` (configs, sources, sha256 of the source files, dtype) and one
-orbax checkpoint per component (`unet/`, ...), and may hold GI's backward model as a weight delta
-(`gi_backward/`, see `jinbetween.delta`) made by `convert_gi_delta`.
+A converted dir holds `manifest.json` (configs, sources, sha256 of the source files, dtype, and the sha256 of
+each of its own files) and one orbax checkpoint per component (`unet/`, ...), and may hold GI's backward model as
+a weight delta (`gi_backward/`, see `jinbetween.delta`) made by `convert_gi_delta`. A conversion writes into a
+staging copy that replaces the dir whole when it is done, so an interrupted one leaves the dir as it was; tensors
+holding NaN or Inf are refused, by name, at conversion and at load; loading checks the component's file hashes.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -27,11 +30,13 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jinbetween import atomic, integrity
 from jinbetween.checkpoint import restore_tree, save_tree
 from jinbetween.config import ImageEncoderConfig, UNetConfig, VAEConfig
 from jinbetween.delta import BACKWARD_DELTA, check_delta, delta_between, delta_keys, delta_shapes, save_delta
 from jinbetween.errors import (ConfigError, CorruptWeightsError, DeltaMismatchError, KeyMismatchError,
-                               PickleRefusedError, ShapeMismatchError, WeightsNotFoundError)
+                               NonFiniteWeightsError, PickleRefusedError, ShapeMismatchError, WeightsNotFoundError)
+from jinbetween.integrity import sha256_of
 from jinbetween.models.image_encoder import abstract_image_encoder
 from jinbetween.models.unet import abstract_unet
 from jinbetween.models.vae import abstract_vae
@@ -48,6 +53,7 @@ _SAFETENSORS_DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
 _MAX_LISTED = 20
+_NAMED_INLINE = 3
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,12 +258,48 @@ def convert_tensors(source: TensorSource, target: Mapping[Path_, Any], *, model:
             f"{source.description}: {len(mismatches)} tensor(s) have shapes that the {model} config does not "
             f"expect:{_listing(lines)}\nThe config.json does not describe these weights; use the config saved "
             "with them.", mismatches)
-    out = {}
+    out, nonfinite, overflowing = {}, [], []
     target_dtype = np.dtype(dtype)
     for name, key in tqdm(sorted(sources.items()), desc=f"converting {model}", unit="tensor", disable=not progress):
         path = by_torch_key[name]
-        out[path] = to_nnx_layout(source.load(key), str(path[-1])).astype(target_dtype)
+        value = source.load(key)
+        converted = to_nnx_layout(value, str(path[-1])).astype(target_dtype)
+        if not is_finite(value):
+            nonfinite.append(key)
+        elif not is_finite(converted):
+            overflowing.append(key)
+        out[path] = converted
+    if nonfinite:
+        raise_nonfinite(model, source.description, nonfinite)
+    if overflowing:
+        raise NonFiniteWeightsError(
+            f"{source.description}: {len(overflowing)} {model} tensor(s) overflow {target_dtype.name} "
+            f"({_inline(overflowing)}); convert or load them in float32 (--dtype float32).", overflowing)
     return out
+
+
+def is_finite(array: Any) -> bool:
+    """Returns whether a (host or device) array holds no NaN or Inf; integer arrays always do."""
+    array = np.asarray(array)
+    floating = np.issubdtype(array.dtype, np.floating) or array.dtype == ml_dtypes.bfloat16
+    return not floating or bool(np.isfinite(array).all())
+
+
+def nonfinite_parameters(module: nnx.Module) -> list[str]:
+    """Returns the torch names of the parameters of `module` that hold NaN or Inf, sorted."""
+    return sorted(torch_key(path) for path, value in flat_params(module).items() if not is_finite(value))
+
+
+def _inline(names: list[str]) -> str:
+    more = f" and {len(names) - _NAMED_INLINE} more" if len(names) > _NAMED_INLINE else ""
+    return ", ".join(names[:_NAMED_INLINE]) + more
+
+
+def raise_nonfinite(model: str, where: str, tensors: list[str]) -> None:
+    """Raises NonFiniteWeightsError: the `model` weights in `where` hold NaN or Inf in `tensors`."""
+    raise NonFiniteWeightsError(
+        f"The {model} weights in {where} hold NaN or Inf in {len(tensors)} tensor(s): {_inline(sorted(tensors))}; "
+        "they are damaged or their training diverged: download, convert or train them again.", sorted(tensors))
 
 
 def merge_params(module_abstract: nnx.Module, params: Mapping[Path_, Any]) -> nnx.Module:
@@ -294,14 +336,6 @@ def flat_from_nested(tree: Mapping[str, Any], paths: Iterable[Path_]) -> dict[Pa
     return out
 
 
-def sha256_of(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_manifest(folder: Path) -> dict[str, Any]:
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
@@ -319,25 +353,91 @@ def record_in_manifest(out_dir: Path, name: str, entry: dict[str, Any]) -> None:
     manifest = read_manifest(out_dir) if manifest_file.exists() else {"format_version": MANIFEST_VERSION,
                                                                        "components": {}}
     manifest["components"][name] = entry
-    manifest_file.write_text(json.dumps(manifest, indent=2) + "\n")
+    atomic.write_json(manifest_file, manifest)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links
+        shutil.copy2(source, target)
+
+
+def check_out_dir(out_dir: str | os.PathLike) -> Path:
+    """Returns `out_dir` if a conversion may write there: absent, an empty folder, or a converted dir."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file; pass a folder for the converted weights.")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists():
+        raise ConfigError(f"--out {out_dir} holds files but no {MANIFEST}, so it is not a converted dir; choose a new "
+                          "folder (or a converted dir to add to).")
+    return out_dir
+
+
+@contextlib.contextmanager
+def updating(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yields a staging copy of the converted dir `out_dir` to change (hard links of its files; empty if it does not
+    exist). When the block ends normally the sha256 of each of its files is recorded in its manifest and it replaces
+    `out_dir` whole; otherwise it is removed, so an interrupted conversion leaves `out_dir` as it was."""
+    out_dir = check_out_dir(out_dir)
+    with atomic.replacing_dir(out_dir) as staging:
+        if out_dir.exists():
+            shutil.copytree(out_dir, staging, copy_function=_link_or_copy, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns(".*"))
+        yield staging
+        _record_file_hashes(staging, out_dir)
+
+
+def _record_file_hashes(staging: Path, previous: Path) -> None:
+    """Writes the sha256 of every file of the converted dir `staging` into its manifest; files still shared with the
+    dir it replaces (`previous`) keep the hash recorded there."""
+    manifest = read_manifest(staging)
+    recorded = manifest.get("files", {})
+    files = {}
+    for name in integrity.files_under(staging, skip=(MANIFEST,)):
+        shared = name in recorded and (previous / name).is_file() and os.path.samefile(staging / name, previous / name)
+        files[name] = recorded[name] if shared else sha256_of(staging / name)
+    manifest["files"] = files
+    atomic.write_json(staging / MANIFEST, manifest)
 
 
 def write_component(out_dir: Path, component: str, params: Mapping[Path_, np.ndarray], entry: dict[str, Any]) -> None:
-    """Saves one component's parameters under `out_dir/component` and records it in the manifest."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_tree(out_dir / component, nested(params))
+    """Saves one component's parameters under `out_dir/component` (replacing it whole) and records it in the
+    manifest; call inside `updating`."""
+    with atomic.replacing_dir(out_dir / component) as folder:
+        save_tree(folder, nested(params))
     record_in_manifest(out_dir, component, entry)
 
 
-def restore_component(folder: Path, component: str, abstract: nnx.Module, dtype) -> nnx.Module:
-    """Returns the module `abstract` filled from the converted checkpoint `folder/component`, cast to `dtype`."""
+def verify_component(root: Path, component: str, model: str) -> None:
+    """Raises IntegrityError unless the files of `root/component` match the sha256 recorded in `root`'s manifest
+    (cached by size and modification time); a manifest without hashes (an older jinbetween's) is let through."""
+    files = read_manifest(root).get("files")
+    if files is None:
+        log.warning("%s records no file hashes (converted by an older jinbetween), so %s is not verified; convert "
+                    "it again to record them", root, component)
+        return
+    expected = {name: digest for name, digest in files.items() if name.startswith(f"{component}/")}
+    if not expected:
+        raise CorruptWeightsError(f"{root / MANIFEST} lists no files of {component}/; convert the weights again.")
+    integrity.verify_files(root, expected, what=f"the {model} files",
+                           fix="convert the weights again, or skip this check with --no-verify (verify=False)")
+
+
+def restore_component(folder: Path, component: str, abstract: nnx.Module, dtype, model: str = "") -> nnx.Module:
+    """Returns the module `abstract` filled from the converted checkpoint `folder/component`, cast to `dtype`;
+    raises NonFiniteWeightsError if a tensor holds NaN or Inf."""
     target = flat_params(abstract)
     abstract_tree = nested({p: jax.ShapeDtypeStruct(v.shape, dtype) for p, v in target.items()})
     try:
         tree = restore_tree(folder / component, abstract_tree)
     except (ValueError, KeyError, FileNotFoundError) as err:
         raise CorruptWeightsError(f"Cannot restore {folder / component} ({err}); convert the weights again.") from err
-    return merge_params(abstract, flat_from_nested(tree, target))
+    params = flat_from_nested(tree, target)
+    nonfinite = [torch_key(path) for path, value in params.items() if not is_finite(value)]
+    if nonfinite:
+        raise_nonfinite(model or component, str(folder / component), nonfinite)
+    return merge_params(abstract, params)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -420,9 +520,8 @@ def _converted_root(path: Path) -> Path | None:
     return None
 
 
-def load_component(path: str | os.PathLike, component: Component, *, dtype=jnp.float32, variant: str | None = None,
-                   allow_pickle: bool = False, **runtime) -> nnx.Module:
-    """Returns `component`'s model from a converted dir or a diffusers/transformers folder, in `dtype`.
+def read_config(path: str | os.PathLike, component: Component, **runtime) -> Any:
+    """Returns `component`'s config from a converted dir or a diffusers/transformers folder, reading no weights.
 
     `runtime` overrides config switches that do not change the parameters (e.g. `attention_impl`).
     """
@@ -434,11 +533,27 @@ def load_component(path: str | os.PathLike, component: Component, *, dtype=jnp.f
         entry = read_manifest(root)["components"].get(component.name)
         if entry is None:
             raise WeightsNotFoundError(f"{root} has no {component.name} component; convert a folder that has one.")
-        config = component.parse_config(entry["config"], **runtime)
-        return restore_component(root, component.name, component.abstract(config), dtype)
-    folder = component_folder(path, component)
-    config = component.parse_config(_read_json(folder / "config.json"), **runtime)
+        return component.parse_config(entry["config"], **runtime)
+    return component.parse_config(_read_json(component_folder(path, component) / "config.json"), **runtime)
+
+
+def load_component(path: str | os.PathLike, component: Component, *, dtype=jnp.float32, variant: str | None = None,
+                   allow_pickle: bool = False, verify: bool = True, **runtime) -> nnx.Module:
+    """Returns `component`'s model from a converted dir or a diffusers/transformers folder, in `dtype`.
+
+    A converted dir's files are first checked against the sha256 in its manifest (`verify=False` skips that); a
+    tensor holding NaN or Inf is refused by name. `runtime` overrides config switches that do not change the
+    parameters (e.g. `attention_impl`).
+    """
+    path = Path(path)
+    config = read_config(path, component, **runtime)
+    root = _converted_root(path)
+    if root is not None:
+        if verify:
+            verify_component(root, component.name, component.model)
+        return restore_component(root, component.name, component.abstract(config), dtype, component.model)
     abstract = component.abstract(config)
+    folder = component_folder(path, component)
     source = TensorSource.from_folder(folder, component.stem, variant, allow_pickle)
     return merge_params(abstract, convert_tensors(source, flat_params(abstract), model=component.model, dtype=dtype,
                                                   rename=component.rename))
@@ -446,7 +561,8 @@ def load_component(path: str | os.PathLike, component: Component, *, dtype=jnp.f
 
 def convert_component(folder: Path, out_dir: Path, component: Component, *, variant: str | None = None,
                       dtype=jnp.float32, allow_pickle: bool = False, source_name: str | None = None) -> None:
-    """Converts one diffusers/transformers model folder into `out_dir/<component.name>` and the manifest."""
+    """Converts one diffusers/transformers model folder into `out_dir/<component.name>` and the manifest (call
+    inside `updating(out_dir)`)."""
     config_dict = _read_json(folder / "config.json")
     abstract = component.abstract(component.parse_config(config_dict))
     source = TensorSource.from_folder(folder, component.stem, variant, allow_pickle)
@@ -516,7 +632,7 @@ def convert_pipeline(folder: str | os.PathLike, out_dir: str | os.PathLike, *, v
 
     A pipeline's scheduler and feature-extractor configs are recorded in the manifest.
     """
-    folder, out_dir = Path(folder), Path(out_dir)
+    folder, out_dir = Path(folder), check_out_dir(out_dir)
     if not folder.is_dir():
         raise WeightsNotFoundError(f"{folder} is not a folder; pass a diffusers SVD pipeline or model folder.")
     source_name = source_name or str(folder)
@@ -526,20 +642,22 @@ def convert_pipeline(folder: str | os.PathLike, out_dir: str | os.PathLike, *, v
         if not matches:
             raise WeightsNotFoundError(f"{folder}/config.json describes a {found}; jinbetween converts "
                                        f"{[c.class_name for c in COMPONENTS]} or SVD pipeline folders.")
-        convert_component(folder, out_dir, matches[0], variant=variant, dtype=dtype, allow_pickle=allow_pickle,
-                          source_name=source_name)
+        with updating(out_dir) as staging:
+            convert_component(folder, staging, matches[0], variant=variant, dtype=dtype, allow_pickle=allow_pickle,
+                              source_name=source_name)
         return out_dir
     present = [c for c in COMPONENTS if (folder / c.name / "config.json").exists()]
     if not present:
         raise WeightsNotFoundError(f"{folder} has none of {[c.name + '/' for c in COMPONENTS]}; pass an SVD pipeline "
                                    "folder (as downloaded from the hub) or one model's folder.")
-    for component in present:
-        convert_component(folder / component.name, out_dir, component, variant=variant, dtype=dtype,
-                          allow_pickle=allow_pickle, source_name=f"{source_name}/{component.name}")
-    manifest = read_manifest(out_dir)
-    manifest["pipeline"] = {key: _read_json(folder / rel) for key, rel in PIPELINE_CONFIGS.items()
-                            if (folder / rel).exists()}
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    with updating(out_dir) as staging:
+        for component in present:
+            convert_component(folder / component.name, staging, component, variant=variant, dtype=dtype,
+                              allow_pickle=allow_pickle, source_name=f"{source_name}/{component.name}")
+        manifest = read_manifest(staging)
+        manifest["pipeline"] = {key: _read_json(folder / rel) for key, rel in PIPELINE_CONFIGS.items()
+                                if (folder / rel).exists()}
+        atomic.write_json(staging / MANIFEST, manifest)
     return out_dir
 
 
@@ -610,7 +728,7 @@ def convert_gi_delta(gi_unet: str | os.PathLike, base: str | os.PathLike, out_di
     `source_name` / `base_name` are what the records call the two sources (default: their paths).
     """
     gi_folder, base_folder = _existing_unet_folder(gi_unet, "fine-tuned"), _existing_unet_folder(base, "base")
-    out_dir = Path(out_dir)
+    out_dir = check_out_dir(out_dir)
     config_dict = _read_json(gi_folder / "config.json")
     cfg = UNET_COMPONENT.parse_config(config_dict)
     base_cfg = UNET_COMPONENT.parse_config(_read_json(base_folder / "config.json"))
@@ -656,10 +774,11 @@ def convert_gi_delta(gi_unet: str | os.PathLike, base: str | os.PathLike, out_di
     record = {"source": source_name or str(gi_folder), "base": base_name or str(base_folder), "variant": variant,
               "base_variant": base_variant, "atol": atol, "files": {f.name: sha256_of(f) for f in gi_files},
               "base_files": {f.name: sha256_of(f) for f in base_files}}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = save_delta(out_dir / BACKWARD_DELTA, delta, cfg, **record)
-    record_in_manifest(out_dir, BACKWARD_DELTA, {"kind": "delta", "config": config_dict, **record,
-                                                 "num_tensors": len(delta), "zero_tensors": zero})
+    with updating(out_dir) as staging:
+        save_delta(staging / BACKWARD_DELTA, delta, cfg, **record)
+        record_in_manifest(staging, BACKWARD_DELTA, {"kind": "delta", "config": config_dict, **record,
+                                                     "num_tensors": len(delta), "zero_tensors": zero})
+    path = out_dir / BACKWARD_DELTA
     log.info("wrote %s (%d tensors)", path, len(delta))
     return path
 
@@ -694,7 +813,7 @@ def write_safetensors(file: Path, tensors: Mapping[str, np.ndarray], metadata: M
         offset += array.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    with open(file, "wb") as fh:
+    with atomic.replacing(file) as temporary, open(temporary, "wb") as fh:
         fh.write(len(encoded).to_bytes(8, "little"))
         fh.write(encoded)
         for key in sorted(tensors):
@@ -709,7 +828,7 @@ def save_model_folder(module: nnx.Module, folder: str | os.PathLike, component: 
     folder.mkdir(parents=True, exist_ok=True)
     config = module.config
     config_dict = config.to_transformers() if component is IMAGE_ENCODER_COMPONENT else config.to_diffusers()
-    (folder / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
+    atomic.write_json(folder / "config.json", config_dict)
     tensors = export_params(module, dtype)
     shards: list[dict[str, np.ndarray]] = [{}]
     for key in sorted(tensors):
@@ -727,5 +846,5 @@ def save_model_folder(module: nnx.Module, folder: str | os.PathLike, component: 
         write_safetensors(folder / name, shard, metadata)
         weight_map.update(dict.fromkeys(shard, name))
     index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map}
-    (folder / f"{component.stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    atomic.write_json(folder / f"{component.stem}.safetensors.index.json", index)
     return folder

@@ -20,9 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jinbetween import atomic, integrity
 from jinbetween.checkpoint import restore_tree, save_tree
 from jinbetween.config import UNetConfig
-from jinbetween.errors import CorruptWeightsError, KeyMismatchError, ShapeMismatchError, WeightsNotFoundError
+from jinbetween.errors import (CorruptWeightsError, KeyMismatchError, NonFiniteWeightsError, ShapeMismatchError,
+                               WeightsNotFoundError)
 from jinbetween.models.state import ModelState
 from jinbetween.models.unet import UNet, temporal_attention_layers
 
@@ -93,18 +95,38 @@ def delta_between(finetuned: Mapping[str, np.ndarray], base: Mapping[str, np.nda
     return {key: np.asarray(finetuned[key], np.float32) - np.asarray(base[key], np.float32) for key in delta_keys(cfg)}
 
 
+def _nonfinite(delta: Mapping[str, np.ndarray]) -> list[str]:
+    return sorted(key for key, value in delta.items() if not np.isfinite(np.asarray(value)).all())
+
+
+def _refuse_nonfinite(tensors: list[str], where: str, fix: str) -> None:
+    shown = ", ".join(tensors[:3]) + (f" and {len(tensors) - 3} more" if len(tensors) > 3 else "")
+    raise NonFiniteWeightsError(f"The backward delta {where} holds NaN or Inf in {len(tensors)} tensor(s): {shown}; "
+                                f"{fix}.", tensors)
+
+
 def save_delta(path: str | os.PathLike, delta: Mapping[str, np.ndarray], cfg: UNetConfig, **meta) -> Path:
-    """Writes a delta checkpoint (orbax tree + delta.json with the UNet config and `meta`); returns `path`."""
+    """Writes a delta checkpoint (orbax tree + delta.json with the UNet config, `meta` and the sha256 of the tree's
+    files) atomically, replacing `path`; returns `path`. A delta holding NaN or Inf is refused."""
     path = Path(path)
     check_delta(delta, cfg, str(path))
-    save_tree(path / "tree", {key: np.asarray(value, np.float32) for key, value in delta.items()})
-    record = {"format_version": DELTA_FORMAT_VERSION, "keys": sorted(delta), "unet_config": cfg.to_diffusers(), **meta}
-    (path / _META).write_text(json.dumps(record, indent=2) + "\n")
+    delta = {key: np.asarray(value, np.float32) for key, value in delta.items()}
+    nonfinite = _nonfinite(delta)
+    if nonfinite:
+        _refuse_nonfinite(nonfinite, f"for {path}", "it was not written: the training diverged, lower the learning "
+                          "rate or resume from an earlier checkpoint")
+    with atomic.replacing_dir(path) as staging:
+        save_tree(staging / "tree", delta)
+        record = {"format_version": DELTA_FORMAT_VERSION, "keys": sorted(delta), "unet_config": cfg.to_diffusers(),
+                  **meta, "sha256": integrity.hash_files(staging, integrity.files_under(staging))}
+        atomic.write_json(staging / _META, record)
     return path
 
 
-def load_delta(path: str | os.PathLike, cfg: UNetConfig) -> dict[str, jax.Array]:
-    """Returns the delta saved at `path` (float32), checked against the UNet config it will be added to."""
+def load_delta(path: str | os.PathLike, cfg: UNetConfig, *, verify: bool = True) -> dict[str, jax.Array]:
+    """Returns the delta saved at `path` (float32), checked against the UNet config it will be added to, against the
+    sha256 of its files when delta.json records them (deltas written since they do; `verify=False` skips that) and
+    for NaN or Inf."""
     path = Path(path)
     if not (path / _META).exists():
         raise WeightsNotFoundError(
@@ -121,8 +143,16 @@ def load_delta(path: str | os.PathLike, cfg: UNetConfig) -> dict[str, jax.Array]
     shapes = delta_shapes(cfg)
     if sorted(record.get("keys", [])) != sorted(shapes):
         check_delta({k: np.zeros(0) for k in record.get("keys", [])}, cfg, str(path))
+    if verify and "sha256" in record:
+        integrity.verify_files(path, record["sha256"], what="the backward delta's files",
+                               fix="write or convert the delta again, or skip this check with --no-verify "
+                                   "(verify=False)")
     abstract = {key: jax.ShapeDtypeStruct(shape, jnp.float32) for key, shape in shapes.items()}
     try:
-        return restore_tree(path / "tree", abstract)
+        delta = restore_tree(path / "tree", abstract)
     except (ValueError, KeyError, FileNotFoundError) as err:
         raise CorruptWeightsError(f"Cannot restore the delta at {path} ({err}); write it again.") from err
+    nonfinite = _nonfinite(delta)
+    if nonfinite:
+        _refuse_nonfinite(nonfinite, f"at {path}", "write, convert or train it again")
+    return delta

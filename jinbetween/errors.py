@@ -56,3 +56,36 @@ class DeltaMismatchError(JinbetweenError):
 
 class DataError(JinbetweenError):
     """Training videos are missing, unreadable, too short for the requested clips, or changed since the scan."""
+
+
+class ArgumentError(ConfigError):
+    """An argument is of the wrong type or out of range, or names an output that cannot be written."""
+
+
+class NonFiniteError(JinbetweenError):
+    """Weights or a generated result hold NaN or Inf."""
+
+
+class NonFiniteWeightsError(NonFiniteError, CorruptWeightsError):
+    """A model's weights hold NaN or Inf; `tensors` names them."""
+
+    def __init__(self, message: str, tensors: list[str]):
+        super().__init__(message)
+        self.tensors = tensors
+
+
+class DivergedError(NonFiniteError):
+    """Sampling or decoding produced NaN or Inf from finite weights; `move` is the first sampler move whose output
+    was non-finite (1-based; 0: before the first move; None: the latents were finite, the decoded frames not)."""
+
+    def __init__(self, message: str, move: int | None):
+        super().__init__(message)
+        self.move = move
+
+
+class IntegrityError(CorruptWeightsError):
+    """Weight files differ from the sha256 hashes recorded for them, or are missing; `files` names them."""
+
+    def __init__(self, message: str, files: list[str]):
+        super().__init__(message)
+        self.files = files

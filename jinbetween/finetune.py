@@ -34,13 +34,13 @@ import optax
 from flax import nnx
 from PIL import Image, ImageDraw
 
-from jinbetween import conditioning, schedule
+from jinbetween import atomic, checks, conditioning, schedule
 from jinbetween.checkpoint import TrainingCheckpoints
 from jinbetween.conditioning import Conditioning
 from jinbetween.config import UNetConfig
 from jinbetween.conversion import torch_key
 from jinbetween.delta import BACKWARD_DELTA, Delta, delta_keys, delta_shapes, save_delta, with_delta
-from jinbetween.errors import ConfigError
+from jinbetween.errors import ConfigError, DivergedError
 from jinbetween.models.attention import AttnControl, rot180
 from jinbetween.models.state import ModelState
 from jinbetween.models.unet import UNet, high_res_blocks
@@ -72,8 +72,15 @@ class TrainConfig:
     remat: str = "none"
 
     def __post_init__(self):
-        if self.remat not in REMAT_CHOICES:
-            raise ConfigError(f"remat={self.remat!r}; choose one of {REMAT_CHOICES}.")
+        checks.number(self.learning_rate, "learning_rate", "the learning rate", above=0, example=1e-4)
+        checks.number(self.b1, "b1", "Adam's β1", minimum=0, maximum=0.999999, example=0.9)
+        checks.number(self.b2, "b2", "Adam's β2", minimum=0, maximum=0.999999, example=0.999)
+        checks.number(self.weight_decay, "weight_decay", "the weight decay", minimum=0, example=1e-2)
+        checks.number(self.eps, "eps", "Adam's ε", above=0, example=1e-8)
+        checks.number(self.clip_norm, "clip_norm", "the gradient clipping norm", above=0, example=1.0)
+        checks.number(self.p_mean, "p_mean", "the mean log noise level", example=0.7)
+        checks.number(self.p_std, "p_std", "the spread of log noise levels", above=0, example=1.6)
+        checks.choice(self.remat, "remat", REMAT_CHOICES, "the rematerialized blocks")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,8 +310,13 @@ class RunConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "save_every", "keep"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
+            checks.integer(getattr(self, name), name, name.replace("_", " "), minimum=1, example=1)
+        checks.integer(self.prefetch, "prefetch", "the batches read ahead", minimum=0, example=2)
+        checks.seed(self.seed, "seed")
+        checks.number(self.fps, "fps", "the frame rate", above=0, example=7)
+        checks.number(self.motion_bucket_id, "motion_bucket_id", "the motion bucket", minimum=0, example=127)
+        checks.number(self.noise_aug_strength, "noise_aug_strength", "the keyframe noise level", minimum=0,
+                      example=0.02)
 
 
 LOG_FILE, LOSS_PLOT, CHECKPOINTS = "loss.jsonl", "loss.png", "checkpoints"
@@ -328,11 +340,30 @@ def _run_identity(dataset, run: RunConfig, train: TrainConfig) -> dict:
             "train": dataclasses.asdict(train), "time_ids": [run.fps, run.motion_bucket_id, run.noise_aug_strength]}
 
 
+def check_run_dir(out_dir: str | os.PathLike, resume: bool) -> None:
+    """Raises ConfigError if `out_dir` already holds a run's checkpoints and `resume` is off (checked before any
+    model loads; `finetune` checks it again)."""
+    folder = Path(out_dir) / CHECKPOINTS
+    steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+    if steps and not resume:
+        raise ConfigError(f"{out_dir} already holds fine-tune checkpoints up to step {steps[-1]}; pass --resume "
+                          "(resume=True) to continue that run, or choose a new output dir.")
+
+
 def _read_log(path: Path, up_to_step: int) -> list[dict]:
-    """The logged steps 1..up_to_step (a crash after the last checkpoint leaves later lines, redone on resume)."""
+    """The logged steps 1..up_to_step (a crash after the last checkpoint leaves later lines, redone on resume; a
+    crash while a line was appended leaves it cut short, so a last line that is not JSON is dropped too)."""
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number < len(lines):
+                raise ConfigError(f"{path} line {number} is not JSON ({err.msg}); remove that line, or start the run "
+                                  "in a new output dir.") from err
     return [r for r in records if r["step"] <= up_to_step]
 
 
@@ -371,7 +402,7 @@ def finetune(pipeline, dataset, out_dir: str | os.PathLike, run: RunConfig, trai
         if first_step >= run.steps:
             log.info("%s is already at step %d of %d", out_dir, first_step, run.steps)
         records = _read_log(out_dir / LOG_FILE, first_step)
-        (out_dir / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+        atomic.write_text(out_dir / LOG_FILE, "".join(json.dumps(r) + "\n" for r in records))
         root = jax.random.key(run.seed)
         time_ids = conditioning.added_time_ids(run.fps, run.motion_bucket_id, run.noise_aug_strength)
         with ClipLoader(dataset, run.batch_size, seed=run.seed, start=position, prefetch=run.prefetch) as loader, \
@@ -383,6 +414,11 @@ def finetune(pipeline, dataset, out_dir: str | os.PathLike, run: RunConfig, trai
                 batch = clip_batch(pipeline, clips.frames, time_ids, encode_key, run.noise_aug_strength)
                 state, metrics = train_step(unet, state, batch, noise_key, train)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not all(np.isfinite(v) for v in metrics.values()):
+                    raise DivergedError(
+                        f"The fine-tune diverged at step {step + 1} (loss {metrics['loss']:.4g}, gradient norm "
+                        f"{metrics['grad_norm']:.4g}); that state was not saved: lower --lr (learning_rate), or "
+                        f"resume from the last checkpoint ({checkpoints.latest_step() or 'none'}).", step + 1)
                 record = {"step": step + 1, **metrics, "seconds": round(time.perf_counter() - start, 4),
                           "clips": [[str(path), int(first)] for path, first in clips.sources]}
                 log_file.write(json.dumps(record) + "\n")
@@ -423,5 +459,6 @@ def write_loss_curve(records: Sequence[dict], path: str | os.PathLike, size: tup
         draw.text((left, bottom + 8), f"step {int(steps[0])}", fill="black")
         draw.text((right - 80, bottom + 8), f"step {int(steps[-1])}", fill="black")
     draw.text((left + 8, top + 4), "fine-tune loss (log scale; red: running mean)", fill="black")
-    image.save(path)
+    with atomic.replacing(path) as temporary:
+        image.save(temporary)
     return Path(path)

@@ -11,7 +11,7 @@ import logging
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,11 +20,12 @@ from jax.sharding import Mesh
 from PIL import Image
 from tqdm.auto import tqdm
 
-from jinbetween import conditioning, distributed, hardware, schedule
+from jinbetween import atomic, checks, conditioning, distributed, hardware, schedule
 from jinbetween.conditioning import Conditioning
-from jinbetween.conversion import (IMAGE_ENCODER_COMPONENT, MANIFEST, UNET_COMPONENT, VAE_COMPONENT, read_manifest,
+from jinbetween.conversion import (IMAGE_ENCODER_COMPONENT, MANIFEST, UNET_COMPONENT, VAE_COMPONENT,
+                                   nonfinite_parameters, raise_nonfinite, read_config, read_manifest,
                                    save_model_folder)
-from jinbetween.errors import ConfigError, ImageError, InputShapeError
+from jinbetween.errors import ConfigError, DivergedError, ImageError, InputShapeError
 from jinbetween.models import VAE, ImageEncoder, UNet
 from jinbetween.models.state import ModelState
 from jinbetween.delta import BACKWARD_DELTA, Delta, load_delta, save_delta
@@ -63,6 +64,34 @@ def default_dtype():
     return jnp.float16
 
 
+@dataclasses.dataclass(frozen=True)
+class WeightsInfo:
+    """What a weights folder holds, read from its configs alone: the video size it defaults to, the multiple that
+    heights and widths must be, the UNet's frame count, and whether it carries a GI backward delta."""
+
+    path: Path
+    default_size: tuple[int, int]
+    size_multiple: int
+    num_frames: int
+    has_backward_delta: bool
+
+
+def weights_info(path: str | os.PathLike | None = None) -> WeightsInfo:
+    """Returns the WeightsInfo of a converted dir or diffusers SVD pipeline folder (None: the shipped toy-world
+    model) without loading any weights, so that arguments can be checked before the slow load."""
+    path = Path(path) if path is not None else _default_weights()
+    unet, vae = read_config(path, UNET_COMPONENT), read_config(path, VAE_COMPONENT)
+    return WeightsInfo(path=path, default_size=_pipeline_settings(path).get("default_size", (576, 1024)),
+                       size_multiple=vae.downsample_factor * unet.downsample_factor, num_frames=unet.num_frames,
+                       has_backward_delta=(path / BACKWARD_DELTA).exists())
+
+
+def _default_weights() -> Path:
+    from jinbetween.toyworld.release import default_weights
+
+    return default_weights()
+
+
 @jax.jit
 def _encode(vae: ModelState[VAE], encoder: ModelState[ImageEncoder], pixels, clip_input, aug_keys, aug_noise,
             time_ids) -> Conditioning:
@@ -87,33 +116,43 @@ class Pipeline:
         self._replicas: dict[Mesh, tuple[ModelState, ModelState, ModelState]] = {}
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike | None = None, *, dtype=None, **runtime: Any) -> "Pipeline":
+    def from_pretrained(cls, path: str | os.PathLike | None = None, *, dtype=None, verify: bool = True,
+                        **runtime: Any) -> "Pipeline":
         """Loads a converted jinbetween dir or a diffusers SVD pipeline folder (parameters in `dtype`,
         default bf16 on GPU and float32 elsewhere); `runtime` overrides UNet switches like `attention_impl`.
         Without a path: the shipped toy-world model (`jinbetween.toyworld.release`), which models that world only.
 
         A converted dir's GI backward delta (`gi_backward/`, see `convert_weights.py --gi-unet`) is loaded too.
+        The files are first checked against the sha256 hashes the folder records (a converted dir's manifest.json,
+        a release's release.json such as the toy-world model's; cached by size and modification time, see
+        `jinbetween.integrity`); `verify=False` skips that. Weights holding NaN or Inf are refused by name.
         """
-        if path is None:
-            from jinbetween.toyworld.release import default_weights
-
-            path = default_weights()
-        path = Path(path)
+        path = Path(path) if path is not None else _default_weights()
         dtype = dtype or default_dtype()
         settings = _pipeline_settings(path)
-        unet = UNet.from_pretrained(path, dtype=dtype, **runtime)
-        delta = load_delta(path / BACKWARD_DELTA, unet.config) if (path / BACKWARD_DELTA).exists() else None
-        return cls(unet, VAE.from_pretrained(path, dtype=dtype), ImageEncoder.from_pretrained(path, dtype=dtype),
-                   backward_delta=delta, **settings)
+        if verify and (path / "release.json").exists():
+            from jinbetween.toyworld.release import verify_release
+
+            verify_release(path)
+        unet = UNet.from_pretrained(path, dtype=dtype, verify=verify, **runtime)
+        delta = (load_delta(path / BACKWARD_DELTA, unet.config, verify=verify) if (path / BACKWARD_DELTA).exists()
+                 else None)
+        return cls(unet, VAE.from_pretrained(path, dtype=dtype, verify=verify),
+                   ImageEncoder.from_pretrained(path, dtype=dtype, verify=verify), backward_delta=delta, **settings)
 
     def save_pretrained(self, path: str | os.PathLike, *, dtype=jnp.float32,
                         max_shard_bytes: int | None = None) -> Path:
         """Writes the pipeline as a diffusers `StableVideoDiffusionPipeline` folder (weights in `dtype`), which
-        `from_pretrained` (and diffusers) read back, plus the backward delta in `gi_backward/` if there is one.
+        `from_pretrained` (and diffusers) read back, plus the backward delta in `gi_backward/` if there is one; the
+        folder is written beside `path` and then replaces it whole. Returns `path`.
 
         For models trained with jinbetween (the toy world's); converted SVD weights need no saving.
         """
-        path = Path(path)
+        with atomic.replacing_dir(path) as staging:
+            self._save(staging, dtype, max_shard_bytes)
+        return Path(path)
+
+    def _save(self, path: Path, dtype, max_shard_bytes: int | None) -> None:
         for module, component in ((self.unet, UNET_COMPONENT), (self.vae, VAE_COMPONENT),
                                   (self.image_encoder, IMAGE_ENCODER_COMPONENT)):
             save_model_folder(module, path / component.name, component, dtype=dtype, max_shard_bytes=max_shard_bytes)
@@ -132,15 +171,14 @@ class Pipeline:
                               "width": self.image_encoder.config.image_size}},
         }
         for relative, config in configs.items():
-            (path / relative).parent.mkdir(parents=True, exist_ok=True)
-            (path / relative).write_text(json.dumps(config, indent=2) + "\n")
+            atomic.write_json(path / relative, config)
         if self.backward_delta is not None:
             save_delta(path / BACKWARD_DELTA, self.backward_delta, self.unet.config)
-        return path
 
-    def load_backward_delta(self, path: str | os.PathLike) -> None:
-        """Uses the GI backward delta saved at `path` (a converted `gi_backward/` or a fine-tune's output)."""
-        self.backward_delta = load_delta(path, self.unet.config)
+    def load_backward_delta(self, path: str | os.PathLike, *, verify: bool = True) -> None:
+        """Uses the GI backward delta saved at `path` (a converted `gi_backward/` or a fine-tune's output), its files
+        checked against the sha256 in its delta.json unless `verify=False`."""
+        self.backward_delta = load_delta(path, self.unet.config, verify=verify)
 
     @property
     def size_multiple(self) -> int:
@@ -167,15 +205,59 @@ class Pipeline:
     def decode(self, latents: jax.Array, chunk_size: int | None = None) -> np.ndarray:
         """Returns float32 frames `[B, F, H, W, 3]` in [0, 1] for sampler latents `[B, F, h, w, C]`.
 
-        Videos are decoded one at a time (diffusers flattens the batch, so its chunks can straddle videos).
+        Videos are decoded one at a time (diffusers flattens the batch, so its chunks can straddle videos). Frames
+        holding NaN or Inf raise (DivergedError, or NonFiniteWeightsError if the weights hold them).
         """
+        if chunk_size is not None:
+            checks.integer(chunk_size, "chunk_size", "the frames decoded at once", minimum=1, example=8)
         return self._decoded(latents, "float", chunk_size)
 
-    def _decoded(self, latents: jax.Array, output: str, chunk_size: int | None) -> np.ndarray:
+    def _decoded(self, latents: jax.Array, output: str, chunk_size: int | None, first_index: int = 0) -> np.ndarray:
         """Decodes video by video and converts the frames to `output` ("float" or "uint8") on the device, so that
-        the host receives the final array (uint8: a quarter of the bytes, and no host passes over the frames)."""
-        return np.stack([np.asarray(_device_output(self.vae.decode_video(video, chunk_size), output))
-                         for video in latents])
+        the host receives the final array (uint8: a quarter of the bytes, and no host passes over the frames);
+        raises if a video's frames hold NaN or Inf (`first_index` numbers the videos in the message)."""
+        return self._fetched([self.vae.decode_video(video, chunk_size) for video in latents], output, first_index)
+
+    def _fetched(self, videos: jax.Array | list[jax.Array], output: str, first_index: int,
+                 count: int | None = None) -> np.ndarray:
+        """Returns the first `count` (default all) decoded videos (raw, in [-1, 1]; an array `[B, ...]` or a list of
+        `[F, ...]`) on the host as `output`; raises DivergedError for the first whose frames hold NaN or Inf (after
+        checking the weights)."""
+        frames, finite = (part[:count] for part in _fetch(videos, output))
+        if not finite.all():
+            self._check_weights(None)
+            video = first_index + int(np.argmin(finite))
+            raise DivergedError(f"The VAE decoded frames holding NaN or Inf for video {video} from finite latents, so "
+                                "the video is refused; decode in float32 (--dtype float32) or in smaller chunks "
+                                "(--decode-chunk-size).", None)
+        return frames
+
+    def _check_weights(self, delta: Delta | None) -> None:
+        """Raises NonFiniteWeightsError naming the tensors of the three models (and of `delta`) that hold NaN or
+        Inf; returns None when they are all finite."""
+        for model, module in (("UNet", self.unet), ("VAE", self.vae), ("image encoder", self.image_encoder)):
+            tensors = nonfinite_parameters(module)
+            if tensors:
+                raise_nonfinite(model, "this pipeline", tensors)
+        if delta is not None:
+            tensors = [key for key, value in delta.items() if not np.isfinite(np.asarray(value)).all()]
+            if tensors:
+                raise_nonfinite("backward delta", "this pipeline", tensors)
+
+    def _check_sampled(self, diverged_at: jax.Array, cfg: Any, method: str, first_index: int,
+                       delta: Delta | None = None) -> None:
+        """Raises if a video's latents came to hold NaN or Inf (`Sampled.diverged_at` ≥ 0): NonFiniteWeightsError
+        naming the tensors if the weights hold them, else DivergedError saying at which sampler move and denoising
+        step it began. Returns None when every video stayed finite."""
+        diverged_at = np.asarray(diverged_at)
+        bad = np.flatnonzero(diverged_at >= 0)
+        if not bad.size:
+            return
+        self._check_weights(delta)
+        video, move = int(bad[0]), int(diverged_at[bad[0]])
+        raise DivergedError(f"{method} diverged: the latents of video {first_index + video} held NaN or Inf "
+                            f"{_divergence_point(cfg, move)}, although the weights are finite, so the video is "
+                            "refused; try float32 parameters (--dtype float32), another seed or other settings.", move)
 
     def image_to_video(self, image: ImageLike | Sequence[ImageLike], *, key: jax.Array | None = None,
                        num_frames: int | None = None, num_inference_steps: int = 25, fps: float = 7,
@@ -194,18 +276,22 @@ class Pipeline:
         `aug_noise` (`[H, W, 3]`) replace the two random draws, for parity with other implementations.
         """
         _check_output(output)
+        _check_settings(num_inference_steps=num_inference_steps, fps=fps, motion_bucket_id=motion_bucket_id,
+                        noise_aug_strength=noise_aug_strength, decode_chunk_size=decode_chunk_size,
+                        first_index=first_index)
         batched = isinstance(image, (list, tuple))
         images = _as_uint8_batch(image if batched else [image])
-        num_frames = num_frames or self.unet.config.num_frames
-        aug_keys, noise_keys = _sample_keys(key, first_index, len(images))
-        cond = self.encode(images, keys=aug_keys, aug_noise=_batch_of(aug_noise, batched), fps=fps,
-                           motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength)
+        num_frames = self.unet.config.num_frames if num_frames is None else num_frames
         cfg = I2VConfig(num_frames=num_frames, num_steps=num_inference_steps, min_guidance_scale=min_guidance_scale,
                         max_guidance_scale=max_guidance_scale, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
                         progress=progress)
+        aug_keys, noise_keys = _sample_keys(key, first_index, len(images))
+        cond = self.encode(images, keys=aug_keys, aug_noise=_batch_of(aug_noise, batched), fps=fps,
+                           motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength)
         with _progress_bar(len(cfg.program()) if progress else 0):
-            video_latents = sample_i2v(self._unet_state, cond, noise_keys, cfg, _batch_of(latents, batched))
-        frames = self._finish(video_latents, output, decode_chunk_size)
+            sampled = sample_i2v(self._unet_state, cond, noise_keys, cfg, _batch_of(latents, batched))
+        self._check_sampled(sampled.diverged_at, cfg, "i2v", first_index)
+        frames = self._finish(sampled.latents, output, decode_chunk_size, first_index)
         return frames if batched else frames[0]
 
     def interpolate(self, start: ImageLike | Sequence[ImageLike], end: ImageLike | Sequence[ImageLike], *,
@@ -227,7 +313,11 @@ class Pipeline:
         (the paper's "w/o fine-tuning" ablation). `draws` injects every random draw (tests, parity).
         """
         _check_output(output)
+        _check_settings(num_inference_steps=num_inference_steps, fps=fps, motion_bucket_id=motion_bucket_id,
+                        noise_aug_strength=noise_aug_strength, decode_chunk_size=decode_chunk_size,
+                        first_index=first_index)
         spec = self._method(method, allow_untrained_backward)
+        check_method_options(method, options)
         batched = isinstance(start, (list, tuple))
         starts = _as_uint8_batch(start if batched else [start])
         ends = _as_uint8_batch(end if isinstance(end, (list, tuple)) else [end])
@@ -235,7 +325,7 @@ class Pipeline:
             raise InputShapeError(f"Start keyframes {starts.shape} and end keyframes {ends.shape} differ; pass as "
                                   "many ends as starts, all of one size.")
         n = len(starts)
-        cfg = _method_config(spec, num_frames=num_frames or self.unet.config.num_frames,
+        cfg = _method_config(spec, num_frames=self.unet.config.num_frames if num_frames is None else num_frames,
                              num_steps=num_inference_steps, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
                              progress=progress, **options)
         aug_keys, sample_keys = _sample_keys(key, first_index, n)
@@ -244,9 +334,9 @@ class Pipeline:
             noise_aug_strength=noise_aug_strength)
         extra = (self.backward_delta,) if spec.uses_delta else ()
         with _progress_bar(len(cfg.program()) if progress else 0):
-            video_latents = spec.sample(self._unet_state, start_cond, end_cond, sample_keys, cfg, *extra,
-                                        draws=draws)
-        frames = self._finish(video_latents, output, decode_chunk_size)
+            sampled = spec.sample(self._unet_state, start_cond, end_cond, sample_keys, cfg, *extra, draws=draws)
+        self._check_sampled(sampled.diverged_at, cfg, spec.name, first_index, *extra)
+        frames = self._finish(sampled.latents, output, decode_chunk_size, first_index)
         return frames if batched else frames[0]
 
     def interpolate_batch(self, pairs: Iterable[Pair], *, method: str = "gi", key: jax.Array | None = None,
@@ -278,13 +368,17 @@ class Pipeline:
         sampler amplifying rounding differences; the randomness itself is the same.
         """
         _check_output(output)
+        _check_settings(num_inference_steps=num_inference_steps, fps=fps, motion_bucket_id=motion_bucket_id,
+                        noise_aug_strength=noise_aug_strength, decode_chunk_size=decode_chunk_size,
+                        first_index=first_index)
         spec = self._method(method, allow_untrained_backward)
+        check_method_options(method, options)
         mesh = distributed.local_mesh() if mesh is None else distributed.check_mesh(mesh)
-        batch_size = batch_size or mesh.size
-        if batch_size < 1 or batch_size % mesh.size:
+        batch_size = mesh.size if batch_size is None else batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1 or batch_size % mesh.size:
             raise ConfigError(f"batch_size={batch_size} does not split over {mesh.size} devices; pass a multiple "
                               f"of {mesh.size}.")
-        cfg = _method_config(spec, num_frames=num_frames or self.unet.config.num_frames,
+        cfg = _method_config(spec, num_frames=self.unet.config.num_frames if num_frames is None else num_frames,
                              num_steps=num_inference_steps, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
                              **options)
         settings = dict(fps=spec.fps if fps is None else fps, motion_bucket_id=motion_bucket_id,
@@ -299,7 +393,14 @@ class Pipeline:
         log.info("interpolating in chunks of %d pairs over %d device(s)", batch_size, mesh.size)
         chunks = _pair_chunks(pairs, batch_size, _typed_key(_resolve_key(key)), first_index)
         total = len(pairs) if isinstance(pairs, Sequence) else None
-        return _pipelined(chunks, run, output, progress, total)
+        delta = self.backward_delta if spec.uses_delta else None
+
+        def fetch(results: tuple[jax.Array, Any], position: int, count: int) -> np.ndarray:
+            diverged_at, videos = results
+            self._check_sampled(np.asarray(diverged_at)[:count], cfg, spec.name, first_index + position, delta)
+            return self._fetched(videos, output, first_index + position, count)
+
+        return _pipelined(chunks, run, fetch, progress, total)
 
     def _method(self, method: str, allow_untrained_backward: bool) -> Method:
         """Returns the method called `method`, checked to be runnable with this pipeline."""
@@ -328,20 +429,22 @@ class Pipeline:
 
     def _run_in_place(self, starts: np.ndarray, ends: np.ndarray, pair_keys: jax.Array, *, spec: Method, cfg: Any,
                       settings: dict[str, float], output: str, decode_chunk_size: int | None):
-        """Dispatches one chunk exactly as `interpolate` runs it; returns latents or the decoded videos."""
+        """Dispatches one chunk exactly as `interpolate` runs it; returns (`Sampled.diverged_at`, latents or the
+        decoded videos)."""
         aug_keys, sample_keys = _split_keys(pair_keys)
         start_cond, end_cond = self._pair_conditioning(starts, ends, aug_keys, spec, **settings)
         extra = (self.backward_delta,) if spec.uses_delta else ()
-        latents = spec.sample(self._unet_state, start_cond, end_cond, sample_keys, cfg, *extra, draws=None)
+        sampled = spec.sample(self._unet_state, start_cond, end_cond, sample_keys, cfg, *extra, draws=None)
         if output == "latent":
-            return latents
-        return [self.vae.decode_video(video, decode_chunk_size) for video in latents]
+            return sampled.diverged_at, sampled.latents
+        return sampled.diverged_at, [self.vae.decode_video(video, decode_chunk_size) for video in sampled.latents]
 
     def _run_sharded(self, starts: np.ndarray, ends: np.ndarray, pair_keys: jax.Array, *, mesh: Mesh, spec: Method,
                      cfg: Any, extra: tuple, settings: dict[str, float], output: str,
-                     decode_chunk_size: int | None) -> jax.Array:
-        """Dispatches one chunk over `mesh`, device d taking pairs [d·b, (d+1)·b); returns latents or raw frames,
-        split over the devices. `extra`: the sampler's replicated extra arguments (GI's backward delta).
+                     decode_chunk_size: int | None) -> tuple[jax.Array, jax.Array]:
+        """Dispatches one chunk over `mesh`, device d taking pairs [d·b, (d+1)·b); returns (`Sampled.diverged_at`,
+        latents or raw frames), split over the devices. `extra`: the sampler's replicated extra arguments (GI's
+        backward delta).
 
         Device d's rows are exactly what `interpolate` gives its encoder and sampler for those b pairs: keyframes
         [starts; ends] (CLIP input prepared per device, as for b pairs) with their augmentation keys.
@@ -359,10 +462,11 @@ class Pipeline:
                                       time_ids)
         sample = distributed.per_device(_pair_sampler(spec.name, cfg), mesh,
                                         (False, True, True, True, *(False,) * len(extra)))
-        latents = sample(unet, start_cond, end_cond, distributed.shard_rows(sample_keys, mesh), *extra)
+        sampled = sample(unet, start_cond, end_cond, distributed.shard_rows(sample_keys, mesh), *extra)
         if output == "latent":
-            return latents
-        return distributed.per_device(_video_decoder(decode_chunk_size), mesh, (False, True))(vae, latents)
+            return sampled.diverged_at, sampled.latents
+        decode = distributed.per_device(_video_decoder(decode_chunk_size), mesh, (False, True))
+        return sampled.diverged_at, decode(vae, sampled.latents)
 
     def _replicated(self, mesh: Mesh) -> tuple[ModelState, ModelState, ModelState]:
         """The UNet, VAE and image encoder states copied to every device of `mesh` (kept for later batches)."""
@@ -371,10 +475,11 @@ class Pipeline:
                                                          mesh)
         return self._replicas[mesh]
 
-    def _finish(self, video_latents: jax.Array, output: str, decode_chunk_size: int | None) -> np.ndarray:
+    def _finish(self, video_latents: jax.Array, output: str, decode_chunk_size: int | None,
+                first_index: int = 0) -> np.ndarray:
         if output == "latent":
             return np.asarray(video_latents)
-        return self._decoded(video_latents, output, decode_chunk_size)
+        return self._decoded(video_latents, output, decode_chunk_size, first_index)
 
 
 def _encode_pairs(vae: ModelState[VAE], encoder: ModelState[ImageEncoder], pixels: jax.Array, clip_input: jax.Array,
@@ -385,7 +490,7 @@ def _encode_pairs(vae: ModelState[VAE], encoder: ModelState[ImageEncoder], pixel
 
 @functools.lru_cache(maxsize=32)
 def _pair_sampler(method: str, cfg: Any) -> Callable:
-    """Returns `(unet, start, end, keys, *extra) -> latents`: the method's sampler with `cfg` (one object per
+    """Returns `(unet, start, end, keys, *extra) -> Sampled`: the method's sampler with `cfg` (one object per
     (method, cfg), so that `distributed.per_device` compiles it once)."""
     spec = METHODS[method]
 
@@ -406,27 +511,32 @@ def _video_decoder(chunk_size: int | None) -> Callable:
     return decode
 
 
-def _pipelined(chunks: Iterator[tuple[int, np.ndarray, np.ndarray, jax.Array]], run: Callable, output: str,
-               progress: bool, total: int | None) -> Iterator[np.ndarray]:
-    """Yields each pair's result: chunk k+1 is prepared and dispatched before chunk k is fetched to the host."""
+def _pipelined(chunks: Iterator[tuple[int, np.ndarray, np.ndarray, jax.Array]], run: Callable,
+               fetch: Callable[[Any, int, int], np.ndarray], progress: bool, total: int | None) -> Iterator[np.ndarray]:
+    """Yields each pair's result, `fetch(results, position of the chunk's first pair, pairs in the chunk)`: chunk
+    k+1 is prepared and dispatched before chunk k is fetched to the host."""
     dispatched = ((count, run(*chunk)) for count, *chunk in chunks)
     with tqdm(total=total, desc="interpolating", unit="pair", disable=not progress) as bar:
-        previous = None
+        previous, position = None, 0
         for current in itertools.chain(dispatched, [None]):  # drawing `current` dispatches the next chunk
             if previous is not None:
                 count, results = previous
-                yield from _fetch(results, output)[:count]
+                yield from fetch(results, position, count)
+                position += count
                 bar.update(count)
             previous = current
 
 
-def _fetch(videos: jax.Array | list[jax.Array], output: str) -> np.ndarray:
-    """Returns a chunk's results on the host: latents, or frames (raw, in [-1, 1]) as `output` asks."""
+def _fetch(videos: jax.Array | list[jax.Array], output: str) -> tuple[np.ndarray, np.ndarray]:
+    """Returns a chunk's results on the host, latents or frames (raw, in [-1, 1]) as `output` asks, and `[B]`
+    whether each video's frames are finite (latents: True, the sampler checks them)."""
     if output == "latent":
-        return np.asarray(videos)
-    if isinstance(videos, list):
-        return np.stack([np.asarray(_device_output(v, output)) for v in videos])
-    return np.asarray(_device_output(videos, output))
+        latents = np.asarray(videos)
+        return latents, np.ones(len(latents), bool)
+    parts = [_device_output(v[None], output) for v in videos] if isinstance(videos, list) else \
+        [_device_output(videos, output)]
+    return (np.concatenate([np.asarray(part) for part, _ in parts]),
+            np.concatenate([np.asarray(finite) for _, finite in parts]))
 
 
 def _pair_chunks(pairs: Iterable[Pair], batch_size: int, key: jax.Array,
@@ -481,15 +591,43 @@ def _pair_aug_keys(spec: Method, aug_keys: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames="output")
-def _device_output(frames: jax.Array, output: str) -> jax.Array:
-    """Decoded frames in [-1, 1] as float32 in [0, 1] (clipped), or as uint8 (round half to even) for "uint8"."""
+def _device_output(frames: jax.Array, output: str) -> tuple[jax.Array, jax.Array]:
+    """Returns (decoded videos `[B, F, H, W, 3]` in [-1, 1] as float32 in [0, 1] (clipped), or as uint8 (round half
+    to even) for "uint8"; `[B]` whether each video's frames were finite before clipping)."""
     unit = jnp.clip(frames.astype(jnp.float32) / 2 + 0.5, 0, 1)
-    return unit if output == "float" else jnp.round(unit * 255).astype(jnp.uint8)
+    finite = jnp.all(jnp.isfinite(frames).reshape(frames.shape[0], -1), axis=1)
+    return (unit if output == "float" else jnp.round(unit * 255).astype(jnp.uint8)), finite
+
+
+def _divergence_point(cfg: Any, move: int) -> str:
+    """Returns where in `cfg`'s step program the latents first held NaN or Inf, after `move` moves had run."""
+    if move == 0:
+        return "before the first sampler move (in the keyframe conditioning or the initial noise)"
+    program, row = cfg.program(), move - 1
+    return (f"from sampler move {move} of {len(program)} on (denoising step {int(program.step[row]) + 1} of "
+            f"{cfg.num_steps}, σ {float(program.sigma[row]):.4g} → {float(program.sigma_next[row]):.4g})")
 
 
 def _check_output(output: str) -> None:
-    if output not in ("uint8", "float", "latent"):
-        raise ValueError(f"output={output!r}; choose 'uint8', 'float' or 'latent'.")
+    checks.choice(output, "output", ("uint8", "float", "latent"), "the result's form")
+
+
+MIN_FPS, MAX_FPS = 1, 240
+
+
+def _check_settings(*, num_inference_steps: int | None, fps: float | None, motion_bucket_id: float,
+                    noise_aug_strength: float, decode_chunk_size: int | None, first_index: int) -> None:
+    """Raises ArgumentError for a generation setting out of range (frame counts and method options are checked by
+    the sampler configs)."""
+    if num_inference_steps is not None:
+        checks.integer(num_inference_steps, "num_inference_steps", "the denoising steps", minimum=1, example=25)
+    if fps is not None:
+        checks.number(fps, "fps", "the frame rate", minimum=MIN_FPS, maximum=MAX_FPS, example=7)
+    checks.number(motion_bucket_id, "motion_bucket_id", "the motion bucket", minimum=0, example=127)
+    checks.number(noise_aug_strength, "noise_aug_strength", "the keyframe noise level", minimum=0, example=0.02)
+    if decode_chunk_size is not None:
+        checks.integer(decode_chunk_size, "decode_chunk_size", "the frames decoded at once", minimum=1, example=8)
+    checks.integer(first_index, "first_index", "the first video's index", minimum=0, example=0)
 
 
 def _sample_keys(key: jax.Array | None, first_index: int, n: int) -> tuple[jax.Array, jax.Array]:
@@ -512,6 +650,25 @@ def _split_keys(sample_keys: jax.Array) -> tuple[jax.Array, jax.Array]:
     return tuple(jax.vmap(lambda k: jax.random.split(k)[j])(sample_keys) for j in (0, 1))
 
 
+# Config fields that the pipeline sets from its own arguments and weights, never from a method option.
+_PIPELINE_FIELDS = {"num_frames": "num_frames= (--num-frames)", "num_steps": "num_inference_steps= (--steps)",
+                    "sigma_min": "the weights' scheduler config", "sigma_max": "the weights' scheduler config",
+                    "progress": "progress="}
+
+
+def check_method_options(method: str, options: Mapping[str, Any]) -> None:
+    """Raises ConfigError for an unknown method, an option the method does not have or that the pipeline sets itself
+    (frames, steps, noise range, progress), or a value the method's config refuses; reads no weights."""
+    if method not in METHODS:
+        raise ConfigError(f"Unknown method {method!r}; choose one of {sorted(METHODS)}.")
+    spec = METHODS[method]
+    for name in options:
+        if name in _PIPELINE_FIELDS:
+            raise ConfigError(f"{name} is not a {method} option to set: it comes from {_PIPELINE_FIELDS[name]}; "
+                              "pass it there instead.")
+    _method_config(spec, num_steps=None, **options)
+
+
 def _method_config(spec, *, num_steps: int | None, **fields: Any):
     """The method's config with the pipeline's fields and the caller's options (unknown names refused)."""
     if num_steps is not None:
@@ -519,7 +676,8 @@ def _method_config(spec, *, num_steps: int | None, **fields: Any):
     known = {f.name for f in dataclasses.fields(spec.config())}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise ConfigError(f"{spec.name} has no option(s) {unknown}; its options are {sorted(known)}.")
+        raise ConfigError(f"{spec.name} has no option(s) {unknown}; choose among its options "
+                          f"{sorted(known - set(_PIPELINE_FIELDS))}.")
     return spec.config(**fields)
 
 

@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
+from jinbetween import atomic, checks
 from jinbetween.errors import ImageError, InputShapeError
 
 RESIZE_MODES = ("crop", "pad", "stretch")
@@ -56,18 +57,17 @@ def fit_image(image: np.ndarray, height: int, width: int, mode: str = "crop") ->
 
 
 def write_video(frames: np.ndarray, path: str | os.PathLike, fps: float = 7) -> Path:
-    """Writes uint8 `frames [F, H, W, 3]` as .mp4 (H.264) or .gif, chosen by the file extension."""
-    path = Path(path)
+    """Writes uint8 `frames [F, H, W, 3]` as .mp4 (H.264) or .gif, chosen by the file extension, atomically (a
+    temporary file renamed onto `path`); returns `path`."""
+    path = checks.output_file(path, "path", checks.VIDEO_SUFFIXES, "a video")
+    checks.number(fps, "fps", "the frame rate", above=0, maximum=1000, example=7)
     frames = np.asarray(frames, np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = path.suffix.lower()
-    if suffix == ".gif":
-        images = [Image.fromarray(f) for f in frames]
-        images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
-    elif suffix == ".mp4":
-        _write_mp4(frames, path, fps)
-    else:
-        raise ValueError(f"Cannot write {path}: use a .mp4 or .gif file name.")
+    with atomic.replacing(path) as temporary:
+        if path.suffix.lower() == ".gif":
+            images = [Image.fromarray(f) for f in frames]
+            images[0].save(temporary, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+        else:
+            _write_mp4(frames, temporary, fps)
     return path
 
 
@@ -97,7 +97,8 @@ def read_video(path: str | os.PathLike) -> np.ndarray:
 
 def contact_sheet(videos: Sequence[np.ndarray], path: str | os.PathLike, *, frames: Sequence[int] | None = None,
                   labels: Sequence[str] | None = None, gap: int = 4) -> Path:
-    """Writes a PNG grid: one row per video (`[F, H, W, 3]` uint8), the chosen frame indices as columns."""
+    """Writes a PNG grid (atomically): one row per video (`[F, H, W, 3]` uint8), the chosen frame indices as
+    columns; returns `path`."""
     count = min(len(v) for v in videos)
     frames = list(range(count)) if frames is None else list(frames)
     h, w = videos[0].shape[1:3]
@@ -111,6 +112,6 @@ def contact_sheet(videos: Sequence[np.ndarray], path: str | os.PathLike, *, fram
         for col, index in enumerate(frames):
             sheet.paste(Image.fromarray(np.asarray(video[index], np.uint8)), (label_width + gap + col * (w + gap), y))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
+    with atomic.replacing(path) as temporary:
+        sheet.save(temporary)
     return path

@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JINBETWEEN_COMPILE_CACHE", "off")  # the CLI's cache: tests leave nothing in the user's home
+os.environ.setdefault("JINBETWEEN_HASH_CACHE", "off")  # nor hashes of their temporary weights (tests opt in)
 
 import jax  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

@@ -202,7 +202,7 @@ def test_multi_host_flags_are_checked_before_joining(tmp_path, capsys):
     base = ["batch", str(tmp_path / "pairs.jsonl"), "--out-dir", str(tmp_path / "out")]
     assert cli_main([*base, "--coordinator-address", "10.0.0.1:1234", "--num-processes", "2", "--process-id",
                      "2"]) == 2
-    assert "process_id=2 is not in 0..1" in capsys.readouterr().err
+    assert "--process-id 2: out of range, the process index must be ≥ 0 and ≤ 1" in capsys.readouterr().err
     assert cli_main([*base, "--coordinator-address", "10.0.0.1", "--num-processes", "2", "--process-id", "0"]) == 2
     assert "write HOST:PORT" in capsys.readouterr().err
     jax.devices()  # JAX has started: joining a run now must say so rather than hang

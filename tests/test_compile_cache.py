@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jax
 import pytest
+from PIL import Image
 
 from jinbetween import compile_cache
 from jinbetween.errors import ConfigError
@@ -62,10 +63,20 @@ def test_an_unwritable_folder_is_refused_with_the_fix(tmp_path):
 
 
 def test_the_cli_enables_it_before_running_a_command(tmp_path):
+    """Once the arguments pass their checks (a bad one writes nothing, not even the cache folder)."""
     folder = tmp_path / "cli-cache"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "jinbetween.cli", "--compile-cache", str(folder), "interpolate",
-                           str(tmp_path / "missing_a.png"), str(tmp_path / "missing_b.png"), "--out",
-                           str(tmp_path / "x.mp4")], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "error" in done.stderr  # the keyframes do not exist: a clean refusal
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "jinbetween.cli", "--compile-cache", str(folder), *args],
+                              env=env, capture_output=True, text=True, timeout=300)
+
+    refused = cli("interpolate", str(tmp_path / "missing_a.png"), str(tmp_path / "missing_b.png"), "--out",
+                  str(tmp_path / "x.mp4"))
+    assert refused.returncode == 2 and "does not exist" in refused.stderr and not folder.exists()
+    Image.new("RGB", (128, 128)).save(tmp_path / "a.png")
+    (tmp_path / "pairs.jsonl").write_text('{"start": "a.png", "end": "a.png"}\n')
+    done = cli("batch", str(tmp_path / "pairs.jsonl"), "--out-dir", str(tmp_path / "out"), "--coordinator-address",
+               "nowhere", "--num-processes", "2", "--process-id", "0")  # checked, then refused when it runs
+    assert done.returncode == 2 and "HOST:PORT" in done.stderr, done.stderr
     assert folder.is_dir()

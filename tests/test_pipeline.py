@@ -146,6 +146,6 @@ def test_frames_are_converted_on_the_device_as_numpy_would():
     halves = ((np.arange(256, dtype=np.float32) + 0.5) / 255 - 0.5) * 2
     raw = np.concatenate([np.linspace(-1.3, 1.3, 20001, dtype=np.float32), halves])
     unit = np.clip(raw / 2 + 0.5, 0, 1)
-    np.testing.assert_array_equal(np.asarray(_device_output(jnp.asarray(raw), "float")), unit)
-    np.testing.assert_array_equal(np.asarray(_device_output(jnp.asarray(raw), "uint8")),
+    np.testing.assert_array_equal(np.asarray(_device_output(jnp.asarray(raw), "float")[0]), unit)
+    np.testing.assert_array_equal(np.asarray(_device_output(jnp.asarray(raw), "uint8")[0]),
                                   np.round(unit * 255).astype(np.uint8))

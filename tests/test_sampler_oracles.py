@@ -267,7 +267,7 @@ def run_gi(models, keyframes) -> tuple[np.ndarray, Draws]:
     keys, draws = draws_for(len(GI.program()))
     out = sample_gi(unet, start.conditioning(), end.conditioning(), keys, GI,
                     delta={k: jnp.asarray(v) for k, v in delta.items()}, draws=draws)
-    return np.asarray(out), draws
+    return np.asarray(out.latents), draws
 
 
 def test_gi_matches_torch_oracle(models, keyframes):
@@ -311,7 +311,7 @@ def run_trf(models, keyframes, case: str) -> tuple[np.ndarray, Draws]:
     trf = TRF_CASES[case]
     keys, draws = draws_for(len(trf.program()))
     out = sample_trf(unet, start.conditioning(), end.conditioning(), keys, trf, draws=draws)
-    return np.asarray(out), draws
+    return np.asarray(out.latents), draws
 
 
 @pytest.mark.parametrize("case", TRF_CASES)

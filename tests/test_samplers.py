@@ -159,8 +159,8 @@ def test_trf_is_time_symmetric(unet):
     assert cfg.program().noise_before.any(), "the schedule should contain a jump"
     start, end = conditioning(1), conditioning(2)
     draws = draws_from_keys(keys(3), len(cfg.program()), (F, *LATENT))
-    video = sample_trf(unet, start, end, keys(3), cfg, draws)
-    swapped = sample_trf(unet, end, start, keys(3), cfg, flipped(draws))
+    video = sample_trf(unet, start, end, keys(3), cfg, draws).latents
+    swapped = sample_trf(unet, end, start, keys(3), cfg, flipped(draws)).latents
     assert_close(flip_time(swapped), video, ROUNDING, "TRF with swapped keyframes, reversed in time")
 
 
@@ -169,9 +169,9 @@ def test_gi_with_fusion_weight_one_is_forward_guided_sampling(unet):
     start, end = conditioning(1), conditioning(2)
     cfg = GIConfig(num_frames=F, num_steps=4, fusion_weight=1.0, noise_injection_steps=0)
     draws = draws_from_keys(keys(0), len(cfg.program()), (F, *LATENT))
-    gi = sample_gi(unet, start, end, keys(0), cfg, draws=draws)
+    gi = sample_gi(unet, start, end, keys(0), cfg, draws=draws).latents
     i2v = sample_i2v(unet, start, keys(0), I2VConfig(num_frames=F, num_steps=4, min_guidance_scale=2.0,
-                                                     max_guidance_scale=2.0), draws.initial)
+                                                     max_guidance_scale=2.0), draws.initial).latents
     assert_close(gi, i2v, ROUNDING, "GI (w = 1) against forward-only sampling")
 
 
@@ -181,9 +181,9 @@ def test_gi_backward_path_uses_the_delta(unet):
     delta = {k: jnp.asarray(0.1 * rng.standard_normal(s), jnp.float32) for k, s in delta_shapes(config.tiny()).items()}
     zero = {k: jnp.zeros_like(v) for k, v in delta.items()}
     args = (unet, conditioning(1), conditioning(2), keys(0), cfg)
-    base = sample_gi(*args)
-    chex.assert_trees_all_close(sample_gi(*args, zero), base, atol=1e-6)
-    assert float(jnp.abs(sample_gi(*args, delta) - base).max()) > 1e-3
+    base = sample_gi(*args).latents
+    chex.assert_trees_all_close(sample_gi(*args, zero).latents, base, atol=1e-6)
+    assert float(jnp.abs(sample_gi(*args, delta).latents - base).max()) > 1e-3
 
 
 def test_injected_draws_equal_the_keys_own(unet):
@@ -191,7 +191,8 @@ def test_injected_draws_equal_the_keys_own(unet):
     args = (unet, conditioning(1), conditioning(2), keys(4), cfg)
     draws = draws_from_keys(keys(4), len(cfg.program()), (F, *LATENT))
     # Equal up to rounding: the two programs are compiled separately, so XLA may fuse the arithmetic differently.
-    assert_close(sample_mpd(*args, draws), sample_mpd(*args), ROUNDING, "MPD-seq with the keys' draws injected")
+    assert_close(sample_mpd(*args, draws).latents, sample_mpd(*args).latents, ROUNDING,
+                 "MPD-seq with the keys' draws injected")
 
 
 @pytest.mark.parametrize("sampler, cfg", [
@@ -202,7 +203,7 @@ def test_sequential_samplers_end_exactly_on_the_start_keyframe(unet, sampler, cf
     """Their last move's backward half pins its last frame (video frame 0) to z_start, and at σ' = 0 the
     CFG++ step returns that pinned estimate unchanged."""
     start, end = conditioning(1), conditioning(2)
-    video = sampler(unet, start, end, keys(0), cfg)
+    video = sampler(unet, start, end, keys(0), cfg).latents
     np.testing.assert_array_equal(video[:, 0], start.clean_latent)
     assert not np.allclose(video[:, 1], start.clean_latent, atol=1e-2)
 
@@ -217,13 +218,13 @@ def test_same_key_same_video_and_batch_equals_separate_runs(unet, method):
     cfg = spec.config(num_frames=F, num_steps=2)
     extra = (None,) if spec.uses_delta else ()
     starts, ends = stack(conditioning(1), conditioning(3)), stack(conditioning(2), conditioning(4))
-    batch = spec.sample(unet, starts, ends, keys(10, 11), cfg, *extra)
-    again = spec.sample(unet, starts, ends, keys(10, 11), cfg, *extra)
+    batch = spec.sample(unet, starts, ends, keys(10, 11), cfg, *extra).latents
+    again = spec.sample(unet, starts, ends, keys(10, 11), cfg, *extra).latents
     chex.assert_trees_all_equal(batch, again)
     for i, (s, e) in enumerate([(1, 2), (3, 4)]):
-        alone = spec.sample(unet, conditioning(s), conditioning(e), keys(10 + i), cfg, *extra)
+        alone = spec.sample(unet, conditioning(s), conditioning(e), keys(10 + i), cfg, *extra).latents
         assert_close(batch[i:i + 1], alone, ROUNDING, f"{method}: pair {i} in a batch of 2 against alone")
-    other = spec.sample(unet, starts, ends, keys(12, 13), cfg, *extra)
+    other = spec.sample(unet, starts, ends, keys(12, 13), cfg, *extra).latents
     for i in range(2):
         assert not np.allclose(other[i], batch[i], atol=1e-2), f"{method}: pair {i} ignores its key"
 

@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any, Callable
 
 from jinbetween.samplers import bidirectional, gi, trf
-from jinbetween.samplers.core import (Draws, StepProgram, count_unet_calls, denoise, draws_from_keys,
+from jinbetween.samplers.core import (Draws, Sampled, StepProgram, count_unet_calls, denoise, draws_from_keys,
                                       guided_velocity, per_frame_guidance, sampling_progress)
 from jinbetween.samplers.gi import GIConfig, sample_gi
 from jinbetween.samplers.i2v import I2VConfig, sample_i2v
@@ -26,7 +26,7 @@ class Method:
 
     name: str
     config: Callable[..., Any]  # keyword overrides → the sampler's frozen config
-    sample: Callable[..., Any]  # (unet, start, end, keys, cfg, [delta,] draws=None) → latents
+    sample: Callable[..., Any]  # (unet, start, end, keys, cfg, [delta,] draws=None) → Sampled
     fps: float  # frame rate the UNet is conditioned on (fps − 1 is the micro-condition)
     shared_aug_noise: bool  # one noise-augmentation draw for both keyframes (diffusers-based code)
     calls_per_move: dict[int, int]  # UNet calls per move kind
@@ -50,6 +50,6 @@ def unet_calls(method: str, cfg: Any) -> int:
     return sum(program.count(kind) * calls for kind, calls in METHODS[method].calls_per_move.items())
 
 
-__all__ = ["METHODS", "Draws", "GIConfig", "I2VConfig", "MPDConfig", "Method", "StepProgram", "TRFConfig",
+__all__ = ["METHODS", "Draws", "GIConfig", "I2VConfig", "MPDConfig", "Method", "Sampled", "StepProgram", "TRFConfig",
            "ViBiDConfig", "count_unet_calls", "denoise", "draws_from_keys", "guided_velocity", "per_frame_guidance",
            "sample_gi", "sample_i2v", "sample_mpd", "sample_trf", "sample_vibid", "sampling_progress", "unet_calls"]

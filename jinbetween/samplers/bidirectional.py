@@ -29,8 +29,8 @@ import numpy as np
 from jinbetween.conditioning import Conditioning
 from jinbetween.models.state import ModelState
 from jinbetween.models.unet import UNet
-from jinbetween.samplers.core import (Draws, SamplerConfig, cfg_pp_step, denoise_pair, flip_time, fuse, run_program,
-                                      start_latents)
+from jinbetween.samplers.core import (Draws, Sampled, SamplerConfig, cfg_pp_step, denoise_pair, flip_time, fuse,
+                                      run_program, start_latents)
 
 SEQUENTIAL, DISTILL, PARALLEL = 0, 1, 2
 UNET_CALLS = {SEQUENTIAL: 2, DISTILL: 1, PARALLEL: 2}
@@ -59,8 +59,9 @@ def distilled_estimate(x: jax.Array, x0_forward: jax.Array, sigma: jax.Array, z_
 
 
 def sample_bidirectional(unet: ModelState[UNet], start: Conditioning, end: Conditioning, keys: jax.Array,
-                         cfg: SamplerConfig, draws: Draws | None = None) -> jax.Array:
-    """Returns latents `[B, F, h, w, C]` after running `cfg.program()` (moves of the kinds above); call under jit."""
+                         cfg: SamplerConfig, draws: Draws | None = None) -> Sampled:
+    """Returns the latents `[B, F, h, w, C]` after running `cfg.program()` (moves of the kinds above), as `Sampled`;
+    call under jit."""
     z_start, z_end = start.clean_latent, end.clean_latent
     blend = jnp.asarray(np.linspace(1, 0, cfg.num_frames, dtype=np.float32))
 

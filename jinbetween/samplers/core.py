@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, ClassVar, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinbetween import schedule
+from jinbetween import checks, schedule
 from jinbetween.conditioning import Conditioning, cfg_batch
 from jinbetween.models.attention import AttnControl
 from jinbetween.models.state import ModelState
@@ -119,13 +119,28 @@ def denoise_pair(unet: ModelState[UNet], x: jax.Array, sigma: jax.Array,
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
-    """Frames, steps and the noise range of a sampler; `progress` reports each move to the host."""
+    """Frames, steps and the noise range of a sampler; `progress` reports each move to the host.
+
+    Every field is checked when the config is made (ArgumentError names the field and the fix); a subclass checks
+    its own fields in its `__post_init__` after calling this one's.
+    """
+
+    MIN_FRAMES: ClassVar[int] = 2  # a video; the inbetweening samplers need a frame between the two keyframes
 
     num_frames: int = 25
     num_steps: int = 25
     sigma_min: float = schedule.SIGMA_MIN
     sigma_max: float = schedule.SIGMA_MAX
     progress: bool = False
+
+    def __post_init__(self):
+        checks.integer(self.num_frames, "num_frames", "the frame count", minimum=self.MIN_FRAMES,
+                       example=max(self.MIN_FRAMES, 14))
+        checks.integer(self.num_steps, "num_steps", "the denoising steps", minimum=1, example=25)
+        checks.number(self.sigma_min, "sigma_min", "the smallest noise level", above=0, example=schedule.SIGMA_MIN)
+        checks.number(self.sigma_max, "sigma_max", "the largest noise level", above=self.sigma_min,
+                      example=max(schedule.SIGMA_MAX, 2 * self.sigma_min))
+        checks.boolean(self.progress, "progress", "progress")
 
     def sigmas(self) -> np.ndarray:
         """The Karras schedule `[num_steps + 1]` (a final 0 appended)."""
@@ -138,6 +153,11 @@ class GuidedSamplerConfig(SamplerConfig):
 
     min_guidance_scale: float = 1.0
     max_guidance_scale: float = 3.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks.number(self.min_guidance_scale, "min_guidance_scale", "a guidance scale", example=1.0)
+        checks.number(self.max_guidance_scale, "max_guidance_scale", "a guidance scale", example=3.0)
 
     @property
     def guided(self) -> bool:
@@ -239,10 +259,26 @@ def start_latents(keys: jax.Array, cond: Conditioning, cfg: SamplerConfig, draws
     return initial * jnp.float32(schedule.init_noise_sigma(cfg.sigma_max))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Sampled:
+    """A sampler's result: `latents [B, F, h, w, C]` and, per video, `diverged_at [B]` (int32): how many moves had run
+    when its latents first held NaN or Inf (0: before the first move), or -1 if they stayed finite."""
+
+    latents: jax.Array
+    diverged_at: jax.Array
+
+
+def _finite_rows(x: jax.Array) -> jax.Array:
+    """Returns `[B]` bool: whether each video of `x [B, ...]` is finite everywhere."""
+    return jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
+
+
 def run_program(move: Callable[[jax.Array, StepProgram, jax.Array | None], jax.Array], x: jax.Array,
                 program: StepProgram, keys: jax.Array, move_draws: jax.Array | None = None,
-                progress: bool = False, move_uses_noise: bool = False) -> jax.Array:
-    """Returns `x` after every move of `program` (host arrays), in one `lax.scan`.
+                progress: bool = False, move_uses_noise: bool = False) -> Sampled:
+    """Returns `x` after every move of `program` (host arrays), in one `lax.scan`, with the move after which each
+    video first held NaN or Inf (a reduction per move, carried through the scan).
 
     Each move i adds `noise_before·n_i`, applies `move(x, row, n_i)`, then adds `noise_after·n_i`, where
     `n_i` is standard normal from `keys [B]` (or `move_draws[i]` when given). A program never uses both
@@ -251,7 +287,8 @@ def run_program(move: Callable[[jax.Array, StepProgram, jax.Array | None], jax.A
     """
     noisy = move_uses_noise or bool(np.any(program.noise_before)) or bool(np.any(program.noise_after))
 
-    def body(x, inputs):
+    def body(carry, inputs):
+        x, diverged_at = carry
         index, row, injected = inputs
         fresh = None
         if noisy:
@@ -262,11 +299,13 @@ def run_program(move: Callable[[jax.Array, StepProgram, jax.Array | None], jax.A
             x = x + row.noise_after * fresh
         if progress:
             report_step(index)
-        return x, None
+        diverged_at = jnp.where((diverged_at < 0) & ~_finite_rows(x), index + 1, diverged_at)
+        return (x, diverged_at), None
 
     rows = jax.tree.map(jnp.asarray, program)
-    x, _ = jax.lax.scan(body, x, (jnp.arange(len(program)), rows, move_draws))
-    return x
+    start = jnp.where(_finite_rows(x), -1, 0).astype(jnp.int32)
+    (x, diverged_at), _ = jax.lax.scan(body, (x, start), (jnp.arange(len(program)), rows, move_draws))
+    return Sampled(x, diverged_at)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,13 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinbetween import schedule
+from jinbetween import checks, schedule
 from jinbetween.conditioning import Conditioning
 from jinbetween.delta import Delta, with_delta
 from jinbetween.models.attention import AttnControl, rot180
 from jinbetween.models.state import ModelState
 from jinbetween.models.unet import UNet
-from jinbetween.samplers.core import (Draws, GuidedSamplerConfig, Move, StepProgram, flip_time, fuse,
+from jinbetween.samplers.core import (Draws, GuidedSamplerConfig, Move, Sampled, StepProgram, flip_time, fuse,
                                       guided_velocity, per_frame_guidance, renoise_std, run_program, start_latents)
 
 DENOISE = 0
@@ -47,6 +47,19 @@ class GIConfig(GuidedSamplerConfig):
     fusion_weight: float | None = None
     noise_injection_steps: int = 5
     noise_injection_ratio: float = 0.5
+
+    MIN_FRAMES = 3
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks.boolean(self.weighted_average, "weighted_average", "weighted_average")
+        if self.fusion_weight is not None:
+            checks.number(self.fusion_weight, "fusion_weight", "the forward path's weight", minimum=0, maximum=1,
+                          example=0.5)
+        checks.integer(self.noise_injection_steps, "noise_injection_steps", "the re-noised repeats of each early "
+                       "step", minimum=0, example=5)
+        checks.number(self.noise_injection_ratio, "noise_injection_ratio", "the fraction of steps repeated",
+                      minimum=0, maximum=1, example=0.5)
 
     def program(self) -> StepProgram:
         """Each step once, then (in the first half) `noise_injection_steps` re-noised repeats of it."""
@@ -76,8 +89,8 @@ class GIConfig(GuidedSamplerConfig):
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def sample_gi(unet: ModelState[UNet], start: Conditioning, end: Conditioning, keys: jax.Array, cfg: GIConfig,
-              delta: Delta | None = None, draws: Draws | None = None) -> jax.Array:
-    """Returns latents `[B, F, h, w, C]` of videos from each start keyframe to its end keyframe.
+              delta: Delta | None = None, draws: Draws | None = None) -> Sampled:
+    """Returns the latents `[B, F, h, w, C]` of videos from each start keyframe to its end keyframe (`Sampled`).
 
     start, end: B keyframe Conditionings. keys: `[B]`, one per video. delta: the backward model's
     W_v/W_o delta (`jinbetween.delta`); None uses the base weights for the backward path (the paper's

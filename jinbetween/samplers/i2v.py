@@ -12,7 +12,7 @@ from jinbetween import schedule
 from jinbetween.conditioning import Conditioning
 from jinbetween.models.state import ModelState
 from jinbetween.models.unet import UNet
-from jinbetween.samplers.core import (GuidedSamplerConfig, Move, StepProgram, denoise, initial_draw,
+from jinbetween.samplers.core import (GuidedSamplerConfig, Move, Sampled, StepProgram, denoise, initial_draw,
                                       per_frame_guidance, run_program)
 
 DENOISE = 0
@@ -29,8 +29,8 @@ class I2VConfig(GuidedSamplerConfig):
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def sample_i2v(unet: ModelState[UNet], cond: Conditioning, keys: jax.Array, cfg: I2VConfig,
-               noise: jax.Array | None = None) -> jax.Array:
-    """Returns latents `[B, F, h, w, C]` (scaled VAE space) of videos that start at each keyframe.
+               noise: jax.Array | None = None) -> Sampled:
+    """Returns the latents `[B, F, h, w, C]` (scaled VAE space) of videos that start at each keyframe (`Sampled`).
 
     cond: a batch of B keyframe Conditionings. keys: `[B]` PRNG keys, one per video (the initial noise).
     noise: optional `[B, F, h, w, C]` standard-normal initial draw replacing the keys' (for parity harnesses).

@@ -16,11 +16,12 @@ import functools
 
 import jax
 
+from jinbetween import checks
 from jinbetween.conditioning import Conditioning
 from jinbetween.models.state import ModelState
 from jinbetween.models.unet import UNet
 from jinbetween.samplers.bidirectional import DISTILL, PARALLEL, SEQUENTIAL, sample_bidirectional
-from jinbetween.samplers.core import Draws, Move, SamplerConfig, StepProgram, renoise_std
+from jinbetween.samplers.core import Draws, Move, Sampled, SamplerConfig, StepProgram, renoise_std
 
 BASES = ("parallel", "sequential")
 
@@ -38,9 +39,17 @@ class MPDConfig(SamplerConfig):
     distill_iterations: int = 1
     parallel_repeats: int = 3
 
+    MIN_FRAMES = 3
+
     def __post_init__(self):
-        if self.base not in BASES:
-            raise ValueError(f"MPD base {self.base!r}; choose one of {BASES}.")
+        super().__post_init__()
+        checks.choice(self.base, "base", BASES, "the base sampler")
+        checks.number(self.distill_fraction, "distill_fraction", "the fraction of steps that distill", minimum=0,
+                      maximum=1, example=0.1)
+        checks.integer(self.distill_iterations, "distill_iterations", "the distillation moves per step", minimum=0,
+                       example=1)
+        checks.integer(self.parallel_repeats, "parallel_repeats", "the re-noised moves per step", minimum=0,
+                       example=3)
 
     @classmethod
     def sequential(cls, **overrides) -> "MPDConfig":
@@ -65,6 +74,6 @@ class MPDConfig(SamplerConfig):
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def sample_mpd(unet: ModelState[UNet], start: Conditioning, end: Conditioning, keys: jax.Array, cfg: MPDConfig,
-               draws: Draws | None = None) -> jax.Array:
-    """Returns latents `[B, F, h, w, C]` of videos from each start keyframe to its end keyframe."""
+               draws: Draws | None = None) -> Sampled:
+    """Returns the latents `[B, F, h, w, C]` of videos from each start keyframe to its end keyframe (`Sampled`)."""
     return sample_bidirectional(unet, start, end, keys, cfg, draws)

@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinbetween import schedule
+from jinbetween import checks, schedule
 from jinbetween.conditioning import Conditioning
 from jinbetween.models.state import ModelState
 from jinbetween.models.unet import UNet
-from jinbetween.samplers.core import (Draws, GuidedSamplerConfig, Move, StepProgram, flip_time, fuse,
+from jinbetween.samplers.core import (Draws, GuidedSamplerConfig, Move, Sampled, StepProgram, flip_time, fuse,
                                       guided_velocity, per_frame_guidance, run_program, start_latents)
 
 DENOISE = 0
@@ -68,6 +68,18 @@ class TRFConfig(GuidedSamplerConfig):
     noise_scale_ratio: float = 1.0
     faithful: bool = False
 
+    MIN_FRAMES = 3
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks.integer(self.jump_length, "jump_length", "the steps of a jump back", minimum=1, example=5)
+        checks.integer(self.jump_n_sample, "jump_n_sample", "the passes over a jumped stretch", minimum=1, example=2)
+        checks.number(self.repeat_step_ratio, "repeat_step_ratio", "the fraction of steps before the jumps",
+                      minimum=0, maximum=1, example=0.8)
+        checks.number(self.noise_scale_ratio, "noise_scale_ratio", "the scale of the jumps' noise", minimum=0,
+                      example=1.0)
+        checks.boolean(self.faithful, "faithful", "faithful")
+
     def program(self) -> StepProgram:
         """One fused move per denoising visit; a run of undo visits becomes the next move's `noise_before`.
 
@@ -98,8 +110,8 @@ class TRFConfig(GuidedSamplerConfig):
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def sample_trf(unet: ModelState[UNet], start: Conditioning, end: Conditioning, keys: jax.Array, cfg: TRFConfig,
-               draws: Draws | None = None) -> jax.Array:
-    """Returns latents `[B, F, h, w, C]` of videos from each start keyframe to its end keyframe.
+               draws: Draws | None = None) -> Sampled:
+    """Returns the latents `[B, F, h, w, C]` of videos from each start keyframe to its end keyframe (`Sampled`).
 
     start, end: B keyframe Conditionings. keys: `[B]`, one per video. draws: inject every random draw.
     """

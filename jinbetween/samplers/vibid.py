@@ -17,12 +17,14 @@ from jinbetween.conditioning import Conditioning
 from jinbetween.models.state import ModelState
 from jinbetween.models.unet import UNet
 from jinbetween.samplers.bidirectional import SEQUENTIAL, sample_bidirectional
-from jinbetween.samplers.core import Draws, Move, SamplerConfig, StepProgram
+from jinbetween.samplers.core import Draws, Move, Sampled, SamplerConfig, StepProgram
 
 
 @dataclasses.dataclass(frozen=True)
 class ViBiDConfig(SamplerConfig):
     """Static settings of `sample_vibid`."""
+
+    MIN_FRAMES = 3
 
     def program(self) -> StepProgram:
         """One sequential move per step."""
@@ -31,6 +33,6 @@ class ViBiDConfig(SamplerConfig):
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def sample_vibid(unet: ModelState[UNet], start: Conditioning, end: Conditioning, keys: jax.Array,
-                 cfg: ViBiDConfig, draws: Draws | None = None) -> jax.Array:
-    """Returns latents `[B, F, h, w, C]` of videos from each start keyframe to its end keyframe."""
+                 cfg: ViBiDConfig, draws: Draws | None = None) -> Sampled:
+    """Returns the latents `[B, F, h, w, C]` of videos from each start keyframe to its end keyframe (`Sampled`)."""
     return sample_bidirectional(unet, start, end, keys, cfg, draws)

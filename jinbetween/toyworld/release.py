@@ -11,8 +11,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from jinbetween.conversion import sha256_of
-from jinbetween.errors import CorruptWeightsError, WeightsNotFoundError
+from jinbetween import atomic, integrity
+from jinbetween.errors import IntegrityError, WeightsNotFoundError
+from jinbetween.integrity import sha256_of
 
 WEIGHTS = Path(__file__).parent / "weights"
 RELEASE = "release.json"
@@ -30,25 +31,30 @@ def write_release(folder: str | os.PathLike, training: dict[str, Any]) -> Path:
     folder = Path(folder)
     manifest = {"note": NOTE, "files": {str(p.relative_to(folder)): sha256_of(p) for p in weight_files(folder)},
                 "training": training}
-    (folder / RELEASE).write_text(json.dumps(manifest, indent=2) + "\n")
-    return folder / RELEASE
+    return atomic.write_json(folder / RELEASE, manifest)
 
 
-def verify_release(folder: str | os.PathLike = WEIGHTS) -> dict[str, Any]:
-    """Returns the release manifest of `folder` after checking that its files are exactly those listed, unchanged."""
+def verify_release(folder: str | os.PathLike = WEIGHTS, *, use_cache: bool = True) -> dict[str, Any]:
+    """Returns the release manifest of `folder` after checking that its files are exactly those listed, unchanged
+    (their sha256; with `use_cache`, hashes cached by file size and modification time, `jinbetween.integrity`)."""
     folder = Path(folder)
     if not (folder / RELEASE).exists():
         raise WeightsNotFoundError(f"{folder} has no {RELEASE}: the toy-world weights are missing from this install; "
                                    "reinstall jinbetween (`pip install -e .` from a full clone).")
-    manifest = json.loads((folder / RELEASE).read_text())
+    try:
+        manifest = json.loads((folder / RELEASE).read_text())
+        listed = dict(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise IntegrityError(f"{folder / RELEASE} is unreadable ({err}); reinstall jinbetween.", [RELEASE]) from err
     present = {str(p.relative_to(folder)) for p in weight_files(folder)}
-    missing, extra = sorted(set(manifest["files"]) - present), sorted(present - set(manifest["files"]))
-    changed = sorted(name for name in set(manifest["files"]) & present
-                     if sha256_of(folder / name) != manifest["files"][name])
+    missing, extra = sorted(set(listed) - present), sorted(present - set(listed))
+    names = sorted(set(listed) & present)
+    hashes = integrity.cached_hashes(folder, names) if use_cache else integrity.hash_files(folder, names)
+    changed = [name for name in names if hashes[name] != listed[name]]
     if missing or extra or changed:
-        raise CorruptWeightsError(f"The toy-world weights in {folder} do not match {RELEASE}: missing "
-                                  f"{missing or 'none'}, unexpected {extra or 'none'}, changed {changed or 'none'}; "
-                                  "reinstall jinbetween.")
+        raise IntegrityError(f"The toy-world weights in {folder} do not match {RELEASE}: missing "
+                             f"{missing or 'none'}, unexpected {extra or 'none'}, changed {changed or 'none'}; "
+                             "reinstall jinbetween.", [*changed, *missing, *extra])
     return manifest
 
 

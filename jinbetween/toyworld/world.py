@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from jinbetween import video as video_io
+from jinbetween import atomic, video as video_io
 from jinbetween.errors import ConfigError
 
 SHAPES = ("disc", "ring", "square", "triangle")
@@ -635,8 +635,9 @@ def write_dataset(out_dir: str | os.PathLike, split: str, n: int, cfg: WorldConf
     """Returns `out_dir/split` after writing the first `n` videos of `split` there, for `data.VideoDataset.scan`.
 
     `encoding` "png" writes one lossless frame folder per video (`<seed>/000.png`, …), "mp4" one H.264 file per
-    video (`<seed>.mp4`, lossy). `world.json` records the split, seeds, encoding and config; it is written last, so
-    a folder whose `world.json` matches is complete and is returned as is.
+    video (`<seed>.mp4`, lossy). `world.json` records the split, seeds, encoding and config; a folder whose
+    `world.json` matches is complete and is returned as is. The folder is written beside `out_dir/split` and renamed
+    into place when done, so an interrupted run leaves no partial dataset under that name.
     """
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding={encoding!r}; choose one of {ENCODINGS}.")
@@ -651,15 +652,15 @@ def write_dataset(out_dir: str | os.PathLike, split: str, n: int, cfg: WorldConf
     if folder.exists() and any(folder.iterdir()):
         raise FileExistsError(f"{folder} is not empty and holds no toy-world dataset of {n} {split} videos with "
                               f"this config; remove it or choose another out_dir.")
-    folder.mkdir(parents=True, exist_ok=True)
-    for seed in seeds:
-        frames = video(seed, cfg)
-        if encoding == "mp4":
-            video_io.write_video(frames, folder / f"{seed:07d}.mp4", fps=cfg.fps)
-            continue
-        frame_dir = folder / f"{seed:07d}"
-        frame_dir.mkdir()
-        for k, frame in enumerate(frames):
-            Image.fromarray(frame).save(frame_dir / f"{k:03d}.png", compress_level=1)
-    record.write_text(json.dumps(manifest, indent=1))
+    with atomic.replacing_dir(folder) as staging:
+        for seed in seeds:
+            frames = video(seed, cfg)
+            if encoding == "mp4":
+                video_io.write_video(frames, staging / f"{seed:07d}.mp4", fps=cfg.fps)
+                continue
+            frame_dir = staging / f"{seed:07d}"
+            frame_dir.mkdir()
+            for k, frame in enumerate(frames):
+                Image.fromarray(frame).save(frame_dir / f"{k:03d}.png", compress_level=1)
+        (staging / record.name).write_text(json.dumps(manifest, indent=1))
     return folder
