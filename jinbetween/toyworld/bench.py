@@ -7,7 +7,6 @@ and each method's pair-by-pair difference to the cross-fade with a bootstrap int
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -19,6 +18,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw
 
+from jinbetween import atomic
 from jinbetween import video as video_io
 from jinbetween.conditioning import vae_pixels
 from jinbetween.samplers import METHODS as SAMPLERS
@@ -245,13 +245,14 @@ def demo(pipeline, out_dir: str | os.PathLike, *, pairs: int = 1, methods: Seque
         rows = {TRUTH: truth[i], **{name: batch[i] for name, batch in videos.items()}}
         for name, frames in rows.items():
             video_io.write_video(frames, out_dir / f"{scene_seed}_{name.replace(' ', '_')}.gif", fps=cfg.fps)
-        contact_sheet(rows).save(out_dir / f"{scene_seed}_sheet.png")
+        with atomic.replacing(out_dir / f"{scene_seed}_sheet.png") as temporary:
+            contact_sheet(rows).save(temporary, format="PNG")
     per_pair = score_pairs(videos, seeds, cfg)
     record = {"pairs": seeds, "fps": fps, "scores": mean_scores(per_pair),
               "versus_crossfade": paired_bootstrap(per_pair)}
-    (out_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out_dir / "metrics.md").write_text(
+    atomic.write_json(out_dir / "metrics.json", record)
+    atomic.write_text(out_dir / "metrics.md", (
         f"In-between frames of {pairs} held-out pair(s), seeds {seeds}, conditioned on fps {fps}.\n\n"
         f"{markdown_table(record['scores'])}\n\nDifference to the cross-fade, pair by pair:\n\n"
-        f"{difference_table(record['versus_crossfade'])}\n")
+        f"{difference_table(record['versus_crossfade'])}\n"))
     return record
