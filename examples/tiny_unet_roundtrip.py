@@ -11,6 +11,7 @@ loads the converted dir with `jinbetween.models.UNet.from_pretrained`, and compa
 import argparse
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -32,9 +33,11 @@ def main() -> None:
     cfg = jb.config.tiny()
     reference = UNetSpatioTemporalConditionModel(**{k: v for k, v in cfg.to_diffusers().items()
                                                     if not k.startswith("_")}).eval()
-    source = Path(args.out) / "diffusers-source" / "unet"
-    reference.save_pretrained(source)
-    subprocess.run([sys.executable, "convert_weights.py", "--local-dir", str(source), "--out", args.out], check=True)
+    with tempfile.TemporaryDirectory() as scratch:  # the diffusers layout is only the converter's input
+        source = Path(scratch) / "unet"
+        reference.save_pretrained(source)
+        converter = Path(__file__).resolve().parent.parent / "convert_weights.py"
+        subprocess.run([sys.executable, str(converter), "--local-dir", str(source), "--out", args.out], check=True)
     unet = UNet.from_pretrained(args.out)
 
     rng = np.random.default_rng(0)
@@ -48,7 +51,7 @@ def main() -> None:
                              torch.from_numpy(image_embeds), torch.from_numpy(added_time_ids)).sample
     expected = expected.permute(0, 1, 3, 4, 2).numpy()
     error = float(np.abs(np.asarray(v) - expected).max() / np.abs(expected).max())
-    print(f"converted {source} -> {args.out}")
+    print(f"converted a random diffusers UNet -> {args.out}")
     print(f"UNet output {v.shape}, {len(maps)} temporal attention maps captured, e.g. "
           f"{next(iter(maps))}: {next(iter(maps.values())).shape}")
     print(f"max|jinbetween - diffusers| / max|diffusers| = {error:.2e} (fp32)")
