@@ -337,8 +337,8 @@ def random_pipeline(sizes: Sizes):
     import numpy as np
 
     from jinbetween import Pipeline
-    from jinbetween.delta import delta_shapes
     from jinbetween.models import abstract_image_encoder, abstract_unet, abstract_vae
+    from jinbetween.models.delta import delta_shapes
 
     dtype = jax_dtype(sizes)
     pipe = Pipeline(random_module(abstract_unet(sizes.unet), 0, dtype),
@@ -359,8 +359,8 @@ def counted_run_flops(sizes: Sizes, method: str, cfg, chunk: int) -> dict[str, f
     from jinbetween import conditioning
     from jinbetween.conditioning import Conditioning
     from jinbetween.flops import count_flops
+    from jinbetween.models.delta import delta_shapes
     from jinbetween.models.state import ModelState
-    from jinbetween.delta import delta_shapes
     from jinbetween.samplers import METHODS, sample_i2v
 
     dtype = jax_dtype(sizes)
@@ -418,7 +418,7 @@ def jax_run(sizes: Sizes, method: str, options: dict, repeats: int, steps: int |
     import numpy as np
 
     from jinbetween.pipeline import _method_config, _sample_keys
-    from jinbetween.samplers import I2VConfig, METHODS, sample_i2v
+    from jinbetween.samplers import METHODS, I2VConfig, sample_i2v
 
     pipe = random_pipeline(sizes)
     rng = np.random.default_rng(0)
@@ -971,7 +971,7 @@ def count_all(args) -> dict:
     """FLOPs of every benchmarked program, counted from jaxprs (no device needed), with each one's time at
     `--peak-tflops` (the floor no implementation of the same arithmetic can beat on that GPU)."""
     from jinbetween.pipeline import _method_config
-    from jinbetween.samplers import I2VConfig, METHODS
+    from jinbetween.samplers import METHODS, I2VConfig
 
     sizes = Sizes(args)
     peak = args.peak_tflops * 1e12

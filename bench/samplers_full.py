@@ -28,13 +28,13 @@ def run_one(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
+    from bench.i2v_e2e import random_model
     from jinbetween import config
     from jinbetween.conditioning import Conditioning
-    from jinbetween.delta import delta_shapes
     from jinbetween.models import abstract_unet
+    from jinbetween.models.delta import delta_shapes
     from jinbetween.models.state import ModelState
     from jinbetween.samplers import METHODS, unet_calls
-    from bench.i2v_e2e import random_model
 
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
     cfg_unet = config.tiny() if args.tiny else config.svd_xt()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import jinbetween as jb
-from jinbetween.models import UNet
+from jinbetween.weights import load_unet
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
         reference.save_pretrained(source)
         converter = Path(__file__).resolve().parent.parent / "convert_weights.py"
         subprocess.run([sys.executable, str(converter), "--local-dir", str(source), "--out", args.out], check=True)
-    unet = UNet.from_pretrained(args.out)
+    unet = load_unet(args.out)
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 4, 8, 12, 8)).astype(np.float32)  # [B, F, h, w, 8], channels-last

@@ -62,7 +62,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_convert_arguments(args: argparse.Namespace) -> None:
     """Raises ArgumentError unless `args` name something to convert, existing sources and a usable --out."""
-    from jinbetween import conversion
+    from jinbetween import weights
 
     if args.gi_unet and not args.gi_base:
         raise ArgumentError("--gi-unet needs --gi-base: pass the UNet it was fine-tuned from (for GI's release: "
@@ -83,7 +83,7 @@ def check_convert_arguments(args: argparse.Namespace) -> None:
     checks.number(args.gi_atol, "--gi-atol", "the tolerance", minimum=0, example=0)
     checks.output_dir(args.out, "--out")
     try:
-        conversion.check_out_dir(args.out)
+        weights.check_out_dir(args.out)
     except ConfigError as err:
         raise ArgumentError(str(err)) from err
 
@@ -93,25 +93,25 @@ def _is_repo_id(text: str) -> bool:
 
 
 def run_convert(args: argparse.Namespace) -> None:
-    from jinbetween import conversion
+    from jinbetween import weights
 
     if args.repo or args.local_dir:
         if args.repo:
-            folder = conversion.download_pipeline(args.repo, revision=args.revision, variant=args.variant,
+            folder = weights.download_pipeline(args.repo, revision=args.revision, variant=args.variant,
                                                   allow_pickle=args.allow_pickle)
             source_name = f"hf://{args.repo}" + (f"@{args.revision}" if args.revision else "")
         else:
             folder, source_name = args.local_dir, None
-        out = conversion.convert_pipeline(folder, args.out, variant=args.variant, dtype=DTYPES[args.dtype],
+        out = weights.convert_pipeline(folder, args.out, variant=args.variant, dtype=DTYPES[args.dtype],
                                           allow_pickle=args.allow_pickle, source_name=source_name)
         print(f"converted {source_name or folder} -> {out}")
     if args.gi_unet:
         if Path(args.gi_base).exists():
             base, base_name = args.gi_base, None
         else:  # not a local folder: a hub repo id
-            base = conversion.download_unet(args.gi_base, variant=args.gi_base_variant, allow_pickle=args.allow_pickle)
+            base = weights.download_unet(args.gi_base, variant=args.gi_base_variant, allow_pickle=args.allow_pickle)
             base_name = f"hf://{args.gi_base}"
-        delta = conversion.convert_gi_delta(args.gi_unet, base, args.out, variant=args.gi_variant,
+        delta = weights.convert_gi_delta(args.gi_unet, base, args.out, variant=args.gi_variant,
                                             base_variant=args.gi_base_variant, allow_pickle=args.allow_pickle,
                                             atol=args.gi_atol, base_name=base_name)
         print(f"converted {args.gi_unet} as a delta on {base_name or base} -> {delta}")
@@ -180,8 +180,8 @@ def video_size(args: argparse.Namespace, info, first_frame) -> tuple[int, int]:
 
 def check_method_arguments(args: argparse.Namespace) -> None:
     """Raises unless the --set options, --backward-delta and (for GI) a backward model are usable."""
-    from jinbetween.delta import BACKWARD_DELTA
     from jinbetween.pipeline import check_method_options, weights_info
+    from jinbetween.weights.delta import BACKWARD_DELTA
 
     options = parse_options(args.options)
     check_method_options(args.method, options)

@@ -22,18 +22,19 @@ from tqdm.auto import tqdm
 
 from jinbetween import atomic, checks, conditioning, distributed, hardware, schedule
 from jinbetween.conditioning import Conditioning
-from jinbetween.conversion import (IMAGE_ENCODER_COMPONENT, MANIFEST, UNET_COMPONENT, VAE_COMPONENT,
-                                   nonfinite_parameters, raise_nonfinite, read_config, read_manifest,
-                                   save_model_folder)
-from jinbetween.errors import ConfigError, DivergedError, ImageError, InputShapeError
+from jinbetween.errors import ConfigError, DivergedError, ImageError, InputShapeError, WeightsNotFoundError
 from jinbetween.models import VAE, ImageEncoder, UNet
+from jinbetween.models.delta import Delta
 from jinbetween.models.state import ModelState
-from jinbetween.delta import BACKWARD_DELTA, Delta, load_delta, save_delta
-from jinbetween.errors import WeightsNotFoundError
 from jinbetween.samplers import METHODS, Method
 from jinbetween.samplers.core import Draws, sampling_progress
 from jinbetween.samplers.i2v import I2VConfig, sample_i2v
 from jinbetween.video import check_size
+from jinbetween.weights import load_image_encoder, load_unet, load_vae
+from jinbetween.weights.delta import BACKWARD_DELTA, load_delta, save_delta
+from jinbetween.weights.loading import (IMAGE_ENCODER_COMPONENT, UNET_COMPONENT, VAE_COMPONENT, nonfinite_parameters,
+                                        raise_nonfinite, read_config, save_model_folder)
+from jinbetween.weights.manifest import MANIFEST, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def weights_info(path: str | os.PathLike | None = None) -> WeightsInfo:
 
 
 def _default_weights() -> Path:
-    from jinbetween.toyworld.release import default_weights
+    from jinbetween.weights.release import default_weights
 
     return default_weights()
 
@@ -120,7 +121,7 @@ class Pipeline:
                         **runtime: Any) -> "Pipeline":
         """Loads a converted jinbetween dir or a diffusers SVD pipeline folder (parameters in `dtype`,
         default bf16 on GPU and float32 elsewhere); `runtime` overrides UNet switches like `attention_impl`.
-        Without a path: the shipped toy-world model (`jinbetween.toyworld.release`), which models that world only.
+        Without a path: the shipped toy-world model (`jinbetween.weights.release`), which models that world only.
 
         A converted dir's GI backward delta (`gi_backward/`, see `convert_weights.py --gi-unet`) is loaded too.
         The files are first checked against the sha256 hashes the folder records (a converted dir's manifest.json,
@@ -131,14 +132,14 @@ class Pipeline:
         dtype = dtype or default_dtype()
         settings = _pipeline_settings(path)
         if verify and (path / "release.json").exists():
-            from jinbetween.toyworld.release import verify_release
+            from jinbetween.weights.release import verify_release
 
             verify_release(path)
-        unet = UNet.from_pretrained(path, dtype=dtype, verify=verify, **runtime)
+        unet = load_unet(path, dtype=dtype, verify=verify, **runtime)
         delta = (load_delta(path / BACKWARD_DELTA, unet.config, verify=verify) if (path / BACKWARD_DELTA).exists()
                  else None)
-        return cls(unet, VAE.from_pretrained(path, dtype=dtype, verify=verify),
-                   ImageEncoder.from_pretrained(path, dtype=dtype, verify=verify), backward_delta=delta, **settings)
+        return cls(unet, load_vae(path, dtype=dtype, verify=verify),
+                   load_image_encoder(path, dtype=dtype, verify=verify), backward_delta=delta, **settings)
 
     def save_pretrained(self, path: str | os.PathLike, *, dtype=jnp.float32,
                         max_shard_bytes: int | None = None) -> Path:

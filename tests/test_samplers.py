@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from jinbetween import config, schedule
 from jinbetween.conditioning import Conditioning
-from jinbetween.delta import delta_shapes
 from jinbetween.models import UNet
+from jinbetween.models.delta import delta_shapes
 from jinbetween.models.state import ModelState
 from jinbetween.samplers import (METHODS, Draws, GIConfig, I2VConfig, MPDConfig, TRFConfig, ViBiDConfig,
                                  count_unet_calls, draws_from_keys, sample_gi, sample_i2v, sample_mpd, sample_trf,
@@ -26,6 +26,7 @@ from jinbetween.samplers import (METHODS, Draws, GIConfig, I2VConfig, MPDConfig,
 from jinbetween.samplers.bidirectional import distilled_estimate
 from jinbetween.samplers.core import flip_time, fuse
 from jinbetween.samplers.trf import jump_schedule
+
 from tests.helpers import assert_close
 
 F, LATENT = 5, (8, 8, 4)

@@ -20,10 +20,12 @@ from jinbetween.config import CROSS_ATTN_DOWN, CROSS_ATTN_UP, DOWN, UP, UNetConf
 from jinbetween.models import UNet, unet_apply
 from jinbetween.models.resnet import SpatioTemporalResBlock
 from jinbetween.models.transformer import TransformerSpatioTemporalModel
+from jinbetween.weights import load_unet
+
 from tests.helpers import assert_close
 from tests.test_layers import port
-from tests.torch_reference import (CaptureProcessor, InjectProcessor, diffusers_unet, randomize_,
-                                   temporal_processors, torch_unet_forward)
+from tests.torch_reference import (CaptureProcessor, InjectProcessor, diffusers_unet, randomize_, temporal_processors,
+                                   torch_unet_forward)
 
 TOL = 1e-5
 
@@ -67,7 +69,7 @@ def parity_case(request, tmp_path_factory):
     reference = diffusers_unet(case.config, seed=1)
     folder = tmp_path_factory.mktemp(case.name) / "unet"
     reference.save_pretrained(folder)
-    return case, reference, UNet.from_pretrained(folder), folder
+    return case, reference, load_unet(folder), folder
 
 
 def jitted(unet: UNet):
@@ -85,7 +87,7 @@ def test_unet_matches_diffusers(parity_case):
 def test_converted_dir_loads_the_same_unet(parity_case, tmp_path):
     case, reference, unet, folder = parity_case
     assert cli_main(["convert", "--local-dir", str(folder), "--out", str(tmp_path / "converted")]) == 0
-    converted = UNet.from_pretrained(tmp_path / "converted")
+    converted = load_unet(tmp_path / "converted")
     for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(unet)), nnx.to_flat_state(nnx.state(converted))):
         np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
     inputs = unet_inputs(case, seed=3)
@@ -121,7 +123,7 @@ def test_injected_maps_match_torch_oracle(parity_case):
 
 def test_full_cross_attention_equals_single_token_shortcut(parity_case):
     case, reference, unet, folder = parity_case
-    full = UNet.from_pretrained(folder, cross_attention_shortcut=False)
+    full = load_unet(folder, cross_attention_shortcut=False)
     inputs = unet_inputs(case, seed=7)
     forward_full, params_full = jitted(full)
     forward_fast, params_fast = jitted(unet)

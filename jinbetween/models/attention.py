@@ -169,14 +169,16 @@ class Attention(nnx.Module):
 class TemporalSelfAttention(Attention):
     """Self-attention over frames with explicit probabilities, so maps can be captured or injected.
 
-    `name` is the layer's diffusers path, the key of its map in `AttnControl` dicts. `impl="pallas"` computes the
+    `name` is the key of its map in `AttnControl` dicts: inside a UNet, its diffusers path, set by the UNet from
+    the module graph (`unet.temporal_attention_modules`). `impl="pallas"` computes the
     attention core (logits, softmax, probabilities·v, the captured or injected maps) in one Triton kernel on an
     NVIDIA GPU (`temporal_attention_kernel`) wherever it takes the shapes, and through XLA elsewhere; both compute
     the same arithmetic. `impl="auto"` uses the kernel on Hopper GPUs (where it was measured faster) and XLA
     elsewhere.
     """
 
-    def __init__(self, dim: int, *, heads: int, head_dim: int, name: str, impl: str = "auto", rngs: nnx.Rngs):
+    def __init__(self, dim: int, *, heads: int, head_dim: int, name: str = "attn1", impl: str = "auto",
+                 rngs: nnx.Rngs):
         super().__init__(dim, heads=heads, head_dim=head_dim, rngs=rngs)
         self.name = name
         self.core_impl = impl

@@ -20,14 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jinbetween.models.activations import geglu_gate
+
 # Tile of one program: rows, output columns of each half, reduction step; Triton's warps and pipeline stages.
 TILE_ROWS, TILE_COLS, TILE_DEPTH, NUM_WARPS, NUM_STAGES = 128, 64, 64, 4, 3
 
 
 def geglu_reference(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """XLA's GEGLU of rows `x [M, C]`: (x·W + b) split as [value | gate], value · gelu_erf(gate), in x's dtype."""
-    from jinbetween.models.layers import geglu_gate
-
     return geglu_gate(x @ kernel.astype(x.dtype) + bias.astype(x.dtype))
 
 

@@ -19,8 +19,8 @@ import numpy as np
 
 from jinbetween import checks, schedule
 from jinbetween.conditioning import Conditioning
-from jinbetween.delta import Delta, with_delta
 from jinbetween.models.attention import AttnControl, rot180
+from jinbetween.models.delta import Delta, with_delta
 from jinbetween.models.state import ModelState
 from jinbetween.models.unet import UNet
 from jinbetween.samplers.core import (Draws, GuidedSamplerConfig, Move, Sampled, StepProgram, flip_time, fuse,

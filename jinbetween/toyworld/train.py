@@ -53,6 +53,7 @@ from jinbetween.config import VAEConfig
 from jinbetween.models import VAE, ImageEncoder, UNet
 from jinbetween.models.state import ModelState
 from jinbetween.toyworld import models, world
+from jinbetween.weights import load_image_encoder, load_unet, load_vae
 
 log = logging.getLogger(__name__)
 
@@ -825,8 +826,8 @@ def _load_trainables(folder: Path | None, seed: int) -> Trainables:
         rngs = nnx.Rngs(seed)
         return Trainables(UNet(models.unet_config(), rngs=rngs), ImageEncoder(models.image_encoder_config(),
                                                                                  rngs=rngs))
-    return Trainables(UNet.from_pretrained(folder, dtype=jnp.float32),
-                      ImageEncoder.from_pretrained(folder, dtype=jnp.float32))
+    return Trainables(load_unet(folder, dtype=jnp.float32),
+                      load_image_encoder(folder, dtype=jnp.float32))
 
 
 def environment() -> dict:
@@ -845,7 +846,7 @@ def create_run(run: Run, args: argparse.Namespace) -> tuple[UNetTrainConfig, Tra
     base = UNetTrainConfig(batch_size=args.batch_sizes[0], learning_rate=args.base_learning_rate,
                            warmup=args.warmup, cond_draws=args.cond_draws)
     seeds = world.split_seeds("train", args.videos)
-    vae = VAE.from_pretrained(args.vae or args.init, dtype=jnp.float32)
+    vae = load_vae(args.vae or args.init, dtype=jnp.float32)
     init = _load_trainables(args.init, args.seed)
     graphdef, state = init_train_state(init, base)
     compiling = compile_in_background(graphdef, state, pool_shapes(vae, args.videos, base), base, args.batch_sizes)
@@ -915,10 +916,10 @@ def train_run(args: argparse.Namespace) -> None:
 
 def release_run(args: argparse.Namespace) -> None:
     """`release`: GI's delta on the EMA models, then the pipeline in bf16 with its release manifest and samples."""
-    from jinbetween.delta import BACKWARD_DELTA, save_delta
     from jinbetween.pipeline import Pipeline
     from jinbetween.toyworld.bench import contact_sheet
-    from jinbetween.toyworld.release import write_release
+    from jinbetween.weights.delta import BACKWARD_DELTA, save_delta
+    from jinbetween.weights.release import write_release
 
     deadline = time.monotonic() + args.deadline_minutes * 60 if args.deadline_minutes else None
     run = Run(args.run)
@@ -970,15 +971,15 @@ EVALUATION_SIGMAS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 15.0, 50.0)
 
 def evaluate_run(args: argparse.Namespace) -> None:
     """`evaluate`: held-out x0 errors of pipelines on the same validation clips and noise (`held_out_x0_error`)."""
-    vae = VAE.from_pretrained(args.weights[0], dtype=jnp.float32)
+    vae = load_vae(args.weights[0], dtype=jnp.float32)
     seeds = world.split_seeds("validation", args.videos)
     # One conditioning draw per clip at the samplers' default strength, 0.02.
     pool = encode_videos(ModelState.of(vae), jnp.asarray(np.stack([world.video(s) for s in seeds])),
                          jax.random.key(0), draws=1, aug_log_mean=math.log(0.02), aug_log_std=0.0)
     record = {"validation_seeds": [seeds[0], seeds[-1]], "sigmas": list(EVALUATION_SIGMAS), "errors": {}}
     for folder in args.weights:
-        trainables = Trainables(UNet.from_pretrained(folder, dtype=jnp.float32),
-                                ImageEncoder.from_pretrained(folder, dtype=jnp.float32))
+        trainables = Trainables(load_unet(folder, dtype=jnp.float32),
+                                load_image_encoder(folder, dtype=jnp.float32))
         record["errors"][str(folder)] = held_out_x0_error(trainables, pool, EVALUATION_SIGMAS, jax.random.key(1))
         log.info("%s: %s", folder, json.dumps(record["errors"][str(folder)]))
     if args.out:
@@ -987,8 +988,8 @@ def evaluate_run(args: argparse.Namespace) -> None:
 
 def vae_run(args: argparse.Namespace) -> None:
     """`vae`: stage 1 into `--out/vae`, with reconstructions of held-out videos."""
-    from jinbetween.conversion import VAE_COMPONENT, save_model_folder
     from jinbetween.toyworld.bench import contact_sheet
+    from jinbetween.weights.loading import VAE_COMPONENT, save_model_folder
 
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / LOG, "a") as log_file:
@@ -998,7 +999,7 @@ def vae_run(args: argparse.Namespace) -> None:
             log_file.flush()
 
         pool = jnp.asarray(render_pool(world.split_seeds("train", args.videos)))
-        init = VAE.from_pretrained(args.vae_resume, dtype=jnp.float32) if args.vae_resume else None
+        init = load_vae(args.vae_resume, dtype=jnp.float32) if args.vae_resume else None
         vae = train_vae(pool, VAETrainConfig(steps=args.vae_steps, batch_clips=args.vae_batch), args.seed, on_log,
                         time_limit=args.minutes * 60 if args.minutes else None, init=init)
         save_model_folder(vae, args.out / "vae", VAE_COMPONENT)
