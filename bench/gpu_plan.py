@@ -412,8 +412,8 @@ def compile_case(case: str, args) -> dict:
         else:
             method = METHODS[target]
             cfg = _method_config(method, num_frames=args.frames, num_steps=args.steps)
-            extra = (({k: spec(s) for k, s in delta_shapes(unet_cfg).items()},) if method.uses_delta else ())
-            lowered = method.sample.lower(unet, cond, cond, keys, cfg, *extra)
+            delta = {k: spec(s) for k, s in delta_shapes(unet_cfg).items()} if method.uses_delta else None
+            lowered = method.sample.lower(unet, cond, cond, keys, cfg, delta=delta)
     start = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start

@@ -52,15 +52,16 @@ def run_one(args) -> dict:
     spec = METHODS[args.method]
     cfg = spec.config(num_frames=args.frames)
     start, end, keys = keyframe(), keyframe(), jax.random.split(jax.random.key(1), 1)
-    extra = ()
+    extra = {}
     if spec.uses_delta:
-        extra = ({k: 0.01 * jax.random.normal(jax.random.key(2), s) for k, s in delta_shapes(cfg_unet).items()},)
+        shapes = delta_shapes(cfg_unet)
+        extra = {"delta": {k: 0.01 * jax.random.normal(jax.random.key(2), s) for k, s in shapes.items()}}
     t0 = time.perf_counter()
-    compiled = spec.sample.lower(unet, start, end, keys, cfg, *extra).compile()
+    compiled = spec.sample.lower(unet, start, end, keys, cfg, **extra).compile()
     compile_s = time.perf_counter() - t0
     memory = compiled.memory_analysis()
     t0 = time.perf_counter()
-    latents = jax.block_until_ready(compiled(unet, start, end, keys, *extra))
+    latents = jax.block_until_ready(compiled(unet, start, end, keys, **extra)).latents
     sample_s = time.perf_counter() - t0
     stats = jax.devices()[0].memory_stats() or {}
     calls = unet_calls(args.method, cfg)

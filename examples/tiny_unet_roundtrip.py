@@ -4,7 +4,7 @@
 
 Builds a small `UNetSpatioTemporalConditionModel` with random weights (real SVD weights need a Hugging
 Face licence and a download), saves it with `save_pretrained`, converts it with `convert_weights.py`,
-loads the converted dir with `jinbetween.models.UNet.from_pretrained`, and compares one forward pass
+loads the converted dir with `jinbetween.weights.load_unet`, and compares one forward pass
 (with CFG-style batch of 2 and 4 frames) against diffusers. Needs the `test` extra (torch, diffusers).
 """
 

@@ -34,17 +34,16 @@ import optax
 from flax import nnx
 from PIL import Image, ImageDraw
 
-from jinbetween import atomic, checks, conditioning, schedule
+from jinbetween import atomic, checks, conditioning
 from jinbetween.checkpoint import TrainingCheckpoints
 from jinbetween.conditioning import Conditioning
 from jinbetween.config import UNetConfig
+from jinbetween.denoiser import denoised, edm_loss, flip_time, paired_velocity
 from jinbetween.errors import ConfigError, DivergedError
-from jinbetween.models.attention import AttnControl, rot180
 from jinbetween.models.delta import Delta, delta_keys, delta_shapes, with_delta
 from jinbetween.models.naming import torch_key
 from jinbetween.models.state import ModelState
 from jinbetween.models.unet import UNet, high_res_blocks, temporal_attention_layers
-from jinbetween.samplers.core import flip_time, unet_velocity
 from jinbetween.weights.delta import BACKWARD_DELTA, save_delta
 
 log = logging.getLogger(__name__)
@@ -112,7 +111,8 @@ def select_trainable(unet: ModelState[UNet], rules: Sequence[Rule] | None = None
     """
     cfg = unet.merge().config
     rules = trainable_rules(cfg) if rules is None else tuple(rules)
-    matches = {key: [r for r in rules if re.fullmatch(r.pattern, key)] for key in (torch_key(path) for path, _ in nnx.to_flat_state(unet.state))}
+    keys = [torch_key(path) for path, _ in nnx.to_flat_state(unet.state)]
+    matches = {key: [r for r in rules if re.fullmatch(r.pattern, key)] for key in keys}
     unmatched = sorted(k for k, m in matches.items() if not m)
     multiple = sorted(f"{k} ({', '.join(r.name for r in m)})" for k, m in matches.items() if len(m) > 1)
     if unmatched or multiple:
@@ -191,19 +191,15 @@ def backward_loss(delta: Delta, unet: ModelState[UNet], batch: ClipBatch, sigma:
                   remat: bool | Collection[str] = False) -> jax.Array:
     """Returns the EDM-weighted x0 loss (scalar) of the backward model base + `delta` on `batch`.
 
-    sigma: `[B]`, eps: `[B, F, h, w, C]`. The frozen forward pass (base weights) only supplies the
-    rotated attention maps and passes no gradient: differentiate w.r.t. `delta`.
+    sigma: `[B]`, eps: `[B, F, h, w, C]`. The frozen forward pass (base weights) on the clip in original order only
+    supplies the rotated attention maps and passes no gradient: differentiate w.r.t. `delta`.
     """
     z = batch.latents
     z_t = z + sigma[:, None, None, None, None] * eps
-    _, maps = unet_velocity(unet, flip_time(z_t), sigma, batch.reference, guided=False, attn=AttnControl.capture())
-    maps = jax.lax.stop_gradient(rot180(maps))
-
-    v = unet_velocity(with_delta(unet, delta), z_t, sigma, batch.cond, guided=False, attn=AttnControl.inject(maps),
-                      remat=remat)
-    sigma_ = sigma[:, None, None, None, None]
-    weight = (1 + sigma_**2) / sigma_**2
-    return jnp.mean(weight * (schedule.denoised(z_t, v, sigma_) - z) ** 2)
+    _, v = paired_velocity(unet, with_delta(unet, delta), flip_time(z_t), sigma, batch.reference, batch.cond,
+                           remat=remat)
+    loss, _ = edm_loss(denoised(z_t, v, sigma[:, None, None, None, None]), z, sigma)
+    return loss
 
 
 def _decay_targets(unet: ModelState[UNet], delta: Delta) -> dict[str, jax.Array]:

@@ -15,7 +15,7 @@ from flax import nnx
 
 from jinbetween.config import CROSS_ATTN_DOWN, CROSS_ATTN_UP, UNetConfig
 from jinbetween.errors import InputShapeError
-from jinbetween.models.attention import NO_CONTROL, AttnControl, TemporalSelfAttention
+from jinbetween.models.attention import NO_CONTROL, AttnControl, name_temporal_attention, temporal_attention_modules
 from jinbetween.models.layers import Downsample2D, GroupNorm, TimestepEmbedding, Upsample2D, conv2d, sincos_embedding
 from jinbetween.models.resnet import SpatioTemporalResBlock
 from jinbetween.models.transformer import TransformerSpatioTemporalModel
@@ -110,7 +110,7 @@ class UpBlock(nnx.Module):
 
 
 class UNet(nnx.Module):
-    """The SVD spatio-temporal UNet. `unet(x, c_noise, image_embeds, added_time_ids) -> v`, channels-last."""
+    """The SVD spatio-temporal UNet. `unet(x, c_noise, image_embeds, added_time_ids) -> (v, maps)`, channels-last."""
 
     def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs):
         cfg = self.config = config
@@ -126,8 +126,7 @@ class UNet(nnx.Module):
         self.up_blocks = nnx.List([UpBlock(cfg, i, rngs=rngs) for i in range(len(cfg.block_out_channels))])
         self.conv_norm_out = GroupNorm(c0, eps=1e-5, rngs=rngs)
         self.conv_out = conv2d(c0, cfg.out_channels, 3, rngs=rngs)
-        for name, layer in temporal_attention_modules(self).items():
-            layer.name = name
+        name_temporal_attention(self)
 
     @property
     def dtype(self):
@@ -137,12 +136,13 @@ class UNet(nnx.Module):
     @property
     def temporal_attention_layers(self) -> tuple[str, ...]:
         """Diffusers paths of the temporal self-attention layers in call order: the keys of captured maps."""
-        return temporal_attention_layers(self.config)
+        return tuple(temporal_attention_modules(self))
 
     def __call__(self, x: jax.Array, c_noise: jax.Array, image_embeds: jax.Array, added_time_ids: jax.Array,
                  *, attn: AttnControl | None = None,
-                 remat: bool | Collection[str] = False) -> jax.Array | tuple[jax.Array, Maps]:
-        """Returns v `[B, F, h, w, out]` (float32), and the captured maps too when `attn` captures.
+                 remat: bool | Collection[str] = False) -> tuple[jax.Array, Maps]:
+        """Returns (v `[B, F, h, w, out]` (float32), maps): maps holds the captured temporal attention maps, empty
+        unless `attn` captures.
 
         x: `[B, F, h, w, in]` noisy latents (scaled by c_in) concatenated with the conditioning latents.
         c_noise: `[B]` or scalar, 0.25·ln σ. image_embeds: `[B, L, cross_dim]`. added_time_ids: `[B, ids]`.
@@ -186,7 +186,7 @@ class UNet(nnx.Module):
             maps.update(block_maps)
         z = self.conv_out(jax.nn.silu(self.conv_norm_out(z)))
         v = z.reshape(b, f, h, w, -1).astype(jnp.float32)
-        return (v, maps) if control.mode == "capture" else v
+        return v, maps
 
     def blocks(self) -> list[tuple[str, nnx.Module]]:
         """The down, mid and up blocks with their diffusers names, in call order."""
@@ -227,13 +227,6 @@ def high_res_blocks(cfg: UNetConfig) -> tuple[str, str]:
     return "down_blocks.0", f"up_blocks.{len(cfg.block_out_channels) - 1}"
 
 
-def temporal_attention_modules(unet: UNet) -> dict[str, TemporalSelfAttention]:
-    """Returns {diffusers path: layer} of every temporal self-attention (`...temporal_transformer_blocks.N.attn1`)
-    of `unet`, in call order: the one definition of these layers, read from the module graph."""
-    return {".".join(map(str, path)): node for path, node in nnx.iter_graph(unet)
-            if isinstance(node, TemporalSelfAttention)}
-
-
 @functools.cache
 def temporal_attention_channels(cfg: UNetConfig) -> dict[str, int]:
     """Returns {diffusers path: channels} of the temporal self-attention layers of a UNet of this config, in call
@@ -247,8 +240,9 @@ def temporal_attention_layers(cfg: UNetConfig) -> tuple[str, ...]:
 
 
 def unet_apply(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, c_noise: jax.Array,
-               image_embeds: jax.Array, added_time_ids: jax.Array, attn: AttnControl | None = None):
-    """The UNet forward as a pure function of `nnx.split(unet)`, for `jax.jit` with `graphdef` static."""
+               image_embeds: jax.Array, added_time_ids: jax.Array,
+               attn: AttnControl | None = None) -> tuple[jax.Array, Maps]:
+    """Returns the UNet's (v, maps) as a pure function of `nnx.split(unet)`, for `jax.jit` with `graphdef` static."""
     return nnx.merge(graphdef, params)(x, c_noise, image_embeds, added_time_ids, attn=attn)
 
 
