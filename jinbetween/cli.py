@@ -1,5 +1,6 @@
 """`jinbetween` command line: `convert` weights, `interpolate` between two keyframes, `batch` (many pairs over
-every local device), `i2v` (image to video), `finetune` a GI backward delta on your videos, `verify` a weights dir.
+every local device), `i2v` (image to video), `finetune` a GI backward delta on your videos, `verify` a weights dir,
+`demo` and `toybench` on the toy world, `toytrain` the toy-world model.
 
 Every command checks all of its arguments (its `check_*_arguments`) before it loads a model or writes anything: a bad
 one is a one-line `error: …` on stderr and exit status 2, as are the library's own errors (`JinbetweenError`).
@@ -727,6 +728,19 @@ def run_finetune(args: argparse.Namespace) -> None:
           f"{out / finetune.LOG_FILE} and {out / finetune.LOSS_PLOT}")
 
 
+def check_toytrain_arguments(args: argparse.Namespace) -> None:
+    """Raises ArgumentError unless a training command is named (its own parser checks the rest)."""
+    if not args.arguments:
+        raise ArgumentError("toytrain needs a command: vae, unet, release, evaluate, ... (`jinbetween toytrain "
+                            "--help` lists them).")
+
+
+def run_toytrain(args: argparse.Namespace) -> None:
+    from jinbetween.toyworld import train
+
+    train.main(args.arguments)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="jinbetween", description="Generative inbetweening with SVD in JAX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -784,6 +798,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "match, 2 naming the changed, missing or unexpected files otherwise.")
     add_verify_arguments(verify)
     verify.set_defaults(run=run_verify, check=check_verify_arguments)
+    toytrain = commands.add_parser(
+        "toytrain", help="train the toy-world model, its GI delta and its release (a GPU's work)", add_help=False,
+        prefix_chars="+",  # every argument, options included, belongs to the training command
+        description="The toy world's training commands (jinbetween.toyworld.train); `jinbetween toytrain --help` "
+                    "lists them.")
+    toytrain.add_argument("arguments", nargs=argparse.REMAINDER, help="a training command and its arguments")
+    toytrain.set_defaults(run=run_toytrain, check=check_toytrain_arguments)
     return parser
 
 
@@ -797,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         args.check(args)
-        if args.command not in ("convert", "verify"):  # these compile nothing worth keeping
+        if args.command not in ("convert", "verify", "toytrain"):  # nothing worth keeping, or a cache of its own
             from jinbetween import compile_cache
 
             folder = compile_cache.enable(args.compile_cache)

@@ -1,8 +1,8 @@
 """GEGLU's projection and gate as one GPU kernel (Pallas, Triton back-end).
 
 XLA runs a GEGLU as a matmul to `[M, 2·inner]` (value | gate) and then an elementwise pass that reads both halves
-and writes `value · gelu(gate)` `[M, inner]`: that pass was 54 ms of the 386 ms of kernels in one guided SVD-XT
-UNet call on an H200 (bench/NOTES.md). Here each program computes a `[bm, bn]` tile of the value and the gate
+and writes `value · gelu(gate)` `[M, inner]`: the largest memory-bound pass of a UNet call (bench/NOTES.md,
+"Measurements behind the code"). Here each program computes a `[bm, bn]` tile of the value and the gate
 products side by side in float32, applies the gate in registers and writes only the `[M, inner]` result: the
 projection's output shrinks by half and the gate pass disappears. Whether Triton's matmul keeps up with cuBLAS on
 these shapes is the open question (`bench/geglu_kernel.py` times both).
