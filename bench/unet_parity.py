@@ -4,7 +4,7 @@
         --out bench/results/unet_parity_svd_xt.json
 
 Builds diffusers' UNetSpatioTemporalConditionModel with random weights (tests/torch_reference.randomize_),
-converts its state dict with jinbetween.conversion, and compares v = UNet(x, c_noise, image_embeds,
+converts its state dict with jinbetween.weights, and compares v = UNet(x, c_noise, image_embeds,
 added_time_ids) and all temporal attention maps. Torch runs in float32 with TF32 off; JAX float32 runs
 with `jax_default_matmul_precision="highest"`. Metric: max|Δ| / max|reference|. Call times are single
 warm calls, recorded for orientation only (bench/ speed benchmarks are separate).

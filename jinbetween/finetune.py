@@ -1,6 +1,6 @@
 """GI backward-motion fine-tune (Algorithm 1 of Generative Inbetweening): train the temporal W_v/W_o delta.
 
-The trainable parameters *are* the backward delta of `jinbetween.delta`: float32 master values for the
+The trainable parameters *are* the backward delta of `jinbetween.models.delta`: float32 master values for the
 `to_v.weight`/`to_out.0.weight` of every temporal `attn1`, added to the frozen base UNet inside the
 jitted step. One step, for a clip already reversed in time (latents z):
 

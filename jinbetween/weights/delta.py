@@ -158,7 +158,7 @@ def _check_fits_converted_unet(out_dir: Path, cfg: UNetConfig, gi_folder: Path) 
 def convert_gi_delta(gi_unet: str | os.PathLike, base: str | os.PathLike, out_dir: str | os.PathLike, *,
                      variant: str | None = None, base_variant: str | None = None, allow_pickle: bool = False,
                      atol: float = 0.0, source_name: str | None = None, base_name: str | None = None) -> Path:
-    """Returns `out_dir/gi_backward`, where it wrote Δ = fine-tuned − base over the delta keys (`jinbetween.delta`).
+    """Returns `out_dir/gi_backward`, where it wrote Δ = fine-tuned − base over the delta keys (`jinbetween.models.delta`).
 
     `gi_unet` is GI's fine-tuned `unet/` folder (or a folder holding one), `base` the diffusers SVD folder it was
     fine-tuned from (for GI's release, `stabilityai/stable-video-diffusion-img2vid`: the 14-frame SVD). Every
