@@ -116,7 +116,8 @@ def run_torch(args) -> dict:
     from diffusers import UNetSpatioTemporalConditionModel
 
     from jinbetween import config
-    from jinbetween.delta import delta_keys
+    from jinbetween.models.delta import delta_keys
+
     from tests.torch_reference import TorchConditioning, gi_finetune_loss
 
     cfg = config.tiny() if args.tiny else config.svd()

@@ -396,9 +396,9 @@ def compile_case(case: str, args) -> dict:
         lowered = _encode.lower(vae, encoder, spec((keyframes, args.height, args.width, 3)),
                                 spec((keyframes, size, size, 3)), keys, None, spec((3,)))
     else:
-        from jinbetween.delta import delta_shapes
+        from jinbetween.models.delta import delta_shapes
         from jinbetween.pipeline import _method_config
-        from jinbetween.samplers import I2VConfig, METHODS, sample_i2v
+        from jinbetween.samplers import METHODS, I2VConfig, sample_i2v
 
         pairs = int(options.get("pairs", 1))
         unet = ModelState(*abstract_state(abstract_unet(unet_cfg), dtype, sharding))
@@ -412,8 +412,8 @@ def compile_case(case: str, args) -> dict:
         else:
             method = METHODS[target]
             cfg = _method_config(method, num_frames=args.frames, num_steps=args.steps)
-            extra = (({k: spec(s) for k, s in delta_shapes(unet_cfg).items()},) if method.uses_delta else ())
-            lowered = method.sample.lower(unet, cond, cond, keys, cfg, *extra)
+            delta = {k: spec(s) for k, s in delta_shapes(unet_cfg).items()} if method.uses_delta else None
+            lowered = method.sample.lower(unet, cond, cond, keys, cfg, delta=delta)
     start = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start

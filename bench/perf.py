@@ -337,8 +337,8 @@ def random_pipeline(sizes: Sizes):
     import numpy as np
 
     from jinbetween import Pipeline
-    from jinbetween.delta import delta_shapes
     from jinbetween.models import abstract_image_encoder, abstract_unet, abstract_vae
+    from jinbetween.models.delta import delta_shapes
 
     dtype = jax_dtype(sizes)
     pipe = Pipeline(random_module(abstract_unet(sizes.unet), 0, dtype),
@@ -359,8 +359,8 @@ def counted_run_flops(sizes: Sizes, method: str, cfg, chunk: int) -> dict[str, f
     from jinbetween import conditioning
     from jinbetween.conditioning import Conditioning
     from jinbetween.flops import count_flops
+    from jinbetween.models.delta import delta_shapes
     from jinbetween.models.state import ModelState
-    from jinbetween.delta import delta_shapes
     from jinbetween.samplers import METHODS, sample_i2v
 
     dtype = jax_dtype(sizes)
@@ -378,7 +378,8 @@ def counted_run_flops(sizes: Sizes, method: str, cfg, chunk: int) -> dict[str, f
     else:
         spec = METHODS[method]
         extra = ({k: sds(s, jnp.float32) for k, s in delta_shapes(sizes.unet).items()},) if spec.uses_delta else ()
-        sample = count_flops(lambda u, s, e, k, *x: spec.sample(u, s, e, k, cfg, *x), unet, cond, cond, keys, *extra)
+        sample = count_flops(lambda u, s, e, k, *d: spec.sample(u, s, e, k, cfg, delta=d[0] if d else None), unet,
+                             cond, cond, keys, *extra)
         keyframes = 2
     # A move under `lax.cond` (MPD's distillation makes one UNet call where other moves make two) counts as its
     # dearest branch; there, count the calls the program makes instead.
@@ -418,7 +419,7 @@ def jax_run(sizes: Sizes, method: str, options: dict, repeats: int, steps: int |
     import numpy as np
 
     from jinbetween.pipeline import _method_config, _sample_keys
-    from jinbetween.samplers import I2VConfig, METHODS, sample_i2v
+    from jinbetween.samplers import METHODS, I2VConfig, sample_i2v
 
     pipe = random_pipeline(sizes)
     rng = np.random.default_rng(0)
@@ -426,31 +427,32 @@ def jax_run(sizes: Sizes, method: str, options: dict, repeats: int, steps: int |
     progress = options.get("progress", "0") == "1"
     aug_keys, sample_keys = _sample_keys(jax.random.key(1), 0, 1)
     if method == "i2v":
-        cfg = I2VConfig(num_frames=sizes.frames, num_steps=steps or 25, progress=progress)
+        cfg = I2VConfig(num_frames=sizes.frames, num_steps=steps or 25)
 
         def encode():
             return (pipe.encode(keyframes[0], keys=aug_keys),)
 
-        sampler, extra = sample_i2v, ()
+        sampler, extra = sample_i2v, {}
     else:
         spec = METHODS[method]
-        cfg = _method_config(spec, num_frames=sizes.frames, num_steps=steps, progress=progress)
+        cfg = _method_config(spec, num_frames=sizes.frames, num_steps=steps)
 
         def encode():
             return pipe._pair_conditioning(keyframes[0], keyframes[1], aug_keys, spec, fps=spec.fps,
                                            motion_bucket_id=127, noise_aug_strength=0.02)
 
-        sampler, extra = spec.sample, ((pipe.backward_delta,) if spec.uses_delta else ())
+        sampler, extra = spec.sample, ({"delta": pipe.backward_delta} if spec.uses_delta else {})
     phases = {"encode": timed_calls(lambda: jax.block_until_ready(encode()), repeats)}
     conditioning = encode()
     peaks = {"after_encode": peak_bytes()}
     start = time.perf_counter()
-    compiled = sampler.lower(pipe._unet_state, *conditioning, sample_keys, cfg, *extra).compile()
+    report = (lambda step: None) if progress else None  # a host callback per move, as the CLI's progress bar
+    compiled = sampler.lower(pipe._unet_state, *conditioning, sample_keys, cfg, progress=report, **extra).compile()
     compile_s = time.perf_counter() - start
     outputs = []
 
     def sample():
-        outputs.append(jax.block_until_ready(compiled(pipe._unet_state, *conditioning, sample_keys, *extra).latents))
+        outputs.append(jax.block_until_ready(compiled(pipe._unet_state, *conditioning, sample_keys, **extra).latents))
 
     # Compiled ahead of time, so the first execution is a warm one: all `repeats` executions count.
     phases["sample"] = {"compile_s": compile_s, **timed_calls(sample, repeats - 1, warm_up_counts=True)}
@@ -971,7 +973,7 @@ def count_all(args) -> dict:
     """FLOPs of every benchmarked program, counted from jaxprs (no device needed), with each one's time at
     `--peak-tflops` (the floor no implementation of the same arithmetic can beat on that GPU)."""
     from jinbetween.pipeline import _method_config
-    from jinbetween.samplers import I2VConfig, METHODS
+    from jinbetween.samplers import METHODS, I2VConfig
 
     sizes = Sizes(args)
     peak = args.peak_tflops * 1e12

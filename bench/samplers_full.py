@@ -28,13 +28,13 @@ def run_one(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
+    from bench.i2v_e2e import random_model
     from jinbetween import config
     from jinbetween.conditioning import Conditioning
-    from jinbetween.delta import delta_shapes
     from jinbetween.models import abstract_unet
+    from jinbetween.models.delta import delta_shapes
     from jinbetween.models.state import ModelState
     from jinbetween.samplers import METHODS, unet_calls
-    from bench.i2v_e2e import random_model
 
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
     cfg_unet = config.tiny() if args.tiny else config.svd_xt()
@@ -52,15 +52,16 @@ def run_one(args) -> dict:
     spec = METHODS[args.method]
     cfg = spec.config(num_frames=args.frames)
     start, end, keys = keyframe(), keyframe(), jax.random.split(jax.random.key(1), 1)
-    extra = ()
+    extra = {}
     if spec.uses_delta:
-        extra = ({k: 0.01 * jax.random.normal(jax.random.key(2), s) for k, s in delta_shapes(cfg_unet).items()},)
+        shapes = delta_shapes(cfg_unet)
+        extra = {"delta": {k: 0.01 * jax.random.normal(jax.random.key(2), s) for k, s in shapes.items()}}
     t0 = time.perf_counter()
-    compiled = spec.sample.lower(unet, start, end, keys, cfg, *extra).compile()
+    compiled = spec.sample.lower(unet, start, end, keys, cfg, **extra).compile()
     compile_s = time.perf_counter() - t0
     memory = compiled.memory_analysis()
     t0 = time.perf_counter()
-    latents = jax.block_until_ready(compiled(unet, start, end, keys, *extra))
+    latents = jax.block_until_ready(compiled(unet, start, end, keys, **extra)).latents
     sample_s = time.perf_counter() - t0
     stats = jax.devices()[0].memory_stats() or {}
     calls = unet_calls(args.method, cfg)

@@ -4,7 +4,7 @@
         --out bench/results/unet_parity_svd_xt.json
 
 Builds diffusers' UNetSpatioTemporalConditionModel with random weights (tests/torch_reference.randomize_),
-converts its state dict with jinbetween.conversion, and compares v = UNet(x, c_noise, image_embeds,
+converts its state dict with jinbetween.weights, and compares v = UNet(x, c_noise, image_embeds,
 added_time_ids) and all temporal attention maps. Torch runs in float32 with TF32 off; JAX float32 runs
 with `jax_default_matmul_precision="highest"`. Metric: max|Δ| / max|reference|. Call times are single
 warm calls, recorded for orientation only (bench/ speed benchmarks are separate).
@@ -28,11 +28,14 @@ import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jinbetween import AttnControl, config  # noqa: E402
-from jinbetween.conversion import TensorSource, convert_tensors, flat_params, merge_params  # noqa: E402
 from jinbetween.models import abstract_unet, unet_apply  # noqa: E402
 from jinbetween.models.attention import resolve_attention_impl  # noqa: E402
-from tests.torch_reference import (CaptureProcessor, diffusers_unet, state_dict_numpy, temporal_processors,  # noqa: E402
-                                   torch_unet_forward)
+from jinbetween.models.naming import flat_params, merge_params  # noqa: E402
+from jinbetween.weights.loading import convert_tensors
+from jinbetween.weights.tensors import TensorSource
+
+from tests.torch_reference import (CaptureProcessor, diffusers_unet, state_dict_numpy,  # noqa: E402
+                                   temporal_processors, torch_unet_forward)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

@@ -25,8 +25,10 @@ import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jinbetween import config  # noqa: E402
-from jinbetween.conversion import (IMAGE_ENCODER_COMPONENT, VAE_COMPONENT, TensorSource, convert_tensors,  # noqa: E402
-                                   flat_params, merge_params)
+from jinbetween.models.naming import flat_params, merge_params  # noqa: E402
+from jinbetween.weights.loading import IMAGE_ENCODER_COMPONENT, VAE_COMPONENT, convert_tensors  # noqa: E402
+from jinbetween.weights.tensors import TensorSource  # noqa: E402
+
 from tests.torch_reference import randomize_, state_dict_numpy  # noqa: E402
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -4,7 +4,7 @@
 
 Builds a small `UNetSpatioTemporalConditionModel` with random weights (real SVD weights need a Hugging
 Face licence and a download), saves it with `save_pretrained`, converts it with `convert_weights.py`,
-loads the converted dir with `jinbetween.models.UNet.from_pretrained`, and compares one forward pass
+loads the converted dir with `jinbetween.weights.load_unet`, and compares one forward pass
 (with CFG-style batch of 2 and 4 frames) against diffusers. Needs the `test` extra (torch, diffusers).
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import jinbetween as jb
-from jinbetween.models import UNet
+from jinbetween.weights import load_unet
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
         reference.save_pretrained(source)
         converter = Path(__file__).resolve().parent.parent / "convert_weights.py"
         subprocess.run([sys.executable, str(converter), "--local-dir", str(source), "--out", args.out], check=True)
-    unet = UNet.from_pretrained(args.out)
+    unet = load_unet(args.out)
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 4, 8, 12, 8)).astype(np.float32)  # [B, F, h, w, 8], channels-last

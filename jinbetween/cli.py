@@ -1,5 +1,6 @@
 """`jinbetween` command line: `convert` weights, `interpolate` between two keyframes, `batch` (many pairs over
-every local device), `i2v` (image to video), `finetune` a GI backward delta on your videos, `verify` a weights dir.
+every local device), `i2v` (image to video), `finetune` a GI backward delta on your videos, `verify` a weights dir,
+`demo` and `toybench` on the toy world, `toytrain` the toy-world model.
 
 Every command checks all of its arguments (its `check_*_arguments`) before it loads a model or writes anything: a bad
 one is a one-line `error: …` on stderr and exit status 2, as are the library's own errors (`JinbetweenError`).
@@ -62,7 +63,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_convert_arguments(args: argparse.Namespace) -> None:
     """Raises ArgumentError unless `args` name something to convert, existing sources and a usable --out."""
-    from jinbetween import conversion
+    from jinbetween import weights
 
     if args.gi_unet and not args.gi_base:
         raise ArgumentError("--gi-unet needs --gi-base: pass the UNet it was fine-tuned from (for GI's release: "
@@ -83,7 +84,7 @@ def check_convert_arguments(args: argparse.Namespace) -> None:
     checks.number(args.gi_atol, "--gi-atol", "the tolerance", minimum=0, example=0)
     checks.output_dir(args.out, "--out")
     try:
-        conversion.check_out_dir(args.out)
+        weights.check_out_dir(args.out)
     except ConfigError as err:
         raise ArgumentError(str(err)) from err
 
@@ -93,25 +94,25 @@ def _is_repo_id(text: str) -> bool:
 
 
 def run_convert(args: argparse.Namespace) -> None:
-    from jinbetween import conversion
+    from jinbetween import weights
 
     if args.repo or args.local_dir:
         if args.repo:
-            folder = conversion.download_pipeline(args.repo, revision=args.revision, variant=args.variant,
+            folder = weights.download_pipeline(args.repo, revision=args.revision, variant=args.variant,
                                                   allow_pickle=args.allow_pickle)
             source_name = f"hf://{args.repo}" + (f"@{args.revision}" if args.revision else "")
         else:
             folder, source_name = args.local_dir, None
-        out = conversion.convert_pipeline(folder, args.out, variant=args.variant, dtype=DTYPES[args.dtype],
+        out = weights.convert_pipeline(folder, args.out, variant=args.variant, dtype=DTYPES[args.dtype],
                                           allow_pickle=args.allow_pickle, source_name=source_name)
         print(f"converted {source_name or folder} -> {out}")
     if args.gi_unet:
         if Path(args.gi_base).exists():
             base, base_name = args.gi_base, None
         else:  # not a local folder: a hub repo id
-            base = conversion.download_unet(args.gi_base, variant=args.gi_base_variant, allow_pickle=args.allow_pickle)
+            base = weights.download_unet(args.gi_base, variant=args.gi_base_variant, allow_pickle=args.allow_pickle)
             base_name = f"hf://{args.gi_base}"
-        delta = conversion.convert_gi_delta(args.gi_unet, base, args.out, variant=args.gi_variant,
+        delta = weights.convert_gi_delta(args.gi_unet, base, args.out, variant=args.gi_variant,
                                             base_variant=args.gi_base_variant, allow_pickle=args.allow_pickle,
                                             atol=args.gi_atol, base_name=base_name)
         print(f"converted {args.gi_unet} as a delta on {base_name or base} -> {delta}")
@@ -180,8 +181,8 @@ def video_size(args: argparse.Namespace, info, first_frame) -> tuple[int, int]:
 
 def check_method_arguments(args: argparse.Namespace) -> None:
     """Raises unless the --set options, --backward-delta and (for GI) a backward model are usable."""
-    from jinbetween.delta import BACKWARD_DELTA
     from jinbetween.pipeline import check_method_options, weights_info
+    from jinbetween.weights.delta import BACKWARD_DELTA
 
     options = parse_options(args.options)
     check_method_options(args.method, options)
@@ -727,6 +728,19 @@ def run_finetune(args: argparse.Namespace) -> None:
           f"{out / finetune.LOG_FILE} and {out / finetune.LOSS_PLOT}")
 
 
+def check_toytrain_arguments(args: argparse.Namespace) -> None:
+    """Raises ArgumentError unless a training command is named (its own parser checks the rest)."""
+    if not args.arguments:
+        raise ArgumentError("toytrain needs a command: vae, unet, release, evaluate, ... (`jinbetween toytrain "
+                            "--help` lists them).")
+
+
+def run_toytrain(args: argparse.Namespace) -> None:
+    from jinbetween.toyworld import train
+
+    train.main(args.arguments)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="jinbetween", description="Generative inbetweening with SVD in JAX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -784,6 +798,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "match, 2 naming the changed, missing or unexpected files otherwise.")
     add_verify_arguments(verify)
     verify.set_defaults(run=run_verify, check=check_verify_arguments)
+    toytrain = commands.add_parser(
+        "toytrain", help="train the toy-world model, its GI delta and its release (a GPU's work)", add_help=False,
+        prefix_chars="+",  # every argument, options included, belongs to the training command
+        description="The toy world's training commands (jinbetween.toyworld.train); `jinbetween toytrain --help` "
+                    "lists them.")
+    toytrain.add_argument("arguments", nargs=argparse.REMAINDER, help="a training command and its arguments")
+    toytrain.set_defaults(run=run_toytrain, check=check_toytrain_arguments)
     return parser
 
 
@@ -797,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         args.check(args)
-        if args.command not in ("convert", "verify"):  # these compile nothing worth keeping
+        if args.command not in ("convert", "verify", "toytrain"):  # nothing worth keeping, or a cache of its own
             from jinbetween import compile_cache
 
             folder = compile_cache.enable(args.compile_cache)

@@ -1,7 +1,7 @@
 """A persistent cache of compiled XLA programs: a program is compiled once per machine, not once per process.
 
-GI's sampler takes about a minute to compile on an H200, and the keyframe encoding and the decode ~20 s more; with
-the cache, a later process with the same shapes, settings and software loads them in seconds. The CLI enables it;
+Compiling GI's sampler, the keyframe encoding and the decode takes minutes of a first call (bench/NOTES.md); with
+the cache, a later process with the same shapes, settings and software loads them instead. The CLI enables it;
 notebooks and scripts call `enable()` before their first compilation.
 """
 

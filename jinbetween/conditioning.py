@@ -86,16 +86,26 @@ def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
     return _bicubic_matrix(n_in, n_out) @ _gaussian_blur_matrix(n_in, sigma, size)
 
 
-def clip_pixels(images: np.ndarray, size: int = 224, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
-    """Returns `[N, size, size, 3]` float32 CLIP encoder input for uint8 `images [N, H, W, 3]`.
+def clip_resize_matrices(height: int, width: int, size: int = 224) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (rows `[size, height]`, columns `[size, width]`) float64: diffusers' `_resize_with_antialiasing` of an
+    image to `size × size` is `rows · image · columnsᵀ` (the aspect ratio is not kept)."""
+    return _resize_matrix(height, size), _resize_matrix(width, size)
 
-    diffusers' `_resize_with_antialiasing` + CLIPImageProcessor(normalize only): the aspect ratio is not kept.
-    """
+
+def clip_normalize(resized, mean=CLIP_MEAN, std=CLIP_STD):
+    """Returns the CLIP encoder input of resized pixels in [-1, 1] (numpy or jax, float32): CLIPImageProcessor's
+    normalization."""
+    return ((resized + 1) / 2 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def clip_pixels(images: np.ndarray, size: int = 224, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
+    """Returns `[N, size, size, 3]` float32 CLIP encoder input for uint8 `images [N, H, W, 3]`, resized on the host
+    in float64 (`clip_resize_matrices`) and normalized (`clip_normalize`)."""
     x = np.asarray(images, np.float32) / 255 * 2 - 1
-    rows, cols = _resize_matrix(x.shape[1], size), _resize_matrix(x.shape[2], size)
+    rows, cols = clip_resize_matrices(x.shape[1], x.shape[2], size)
     resized = np.einsum("ih,nhwc->niwc", rows, x.astype(np.float64), optimize=True)
     resized = np.einsum("niwc,jw->nijc", resized, cols, optimize=True).astype(np.float32)
-    return ((resized + 1) / 2 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return clip_normalize(resized, mean, std)
 
 
 def vae_pixels(images: np.ndarray) -> np.ndarray:

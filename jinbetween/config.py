@@ -38,9 +38,9 @@ class UNetConfig:
     to_out(to_v(context)) broadcast (softmax over one key is 1). `temporal_attention_impl="pallas"` runs the core
     of each temporal self-attention (logits, softmax, probabilities·v, and GI's captured or injected maps) as one
     Triton kernel (`models/temporal_attention_kernel.py`); "auto" (the default) does so on Hopper GPUs, where it
-    was measured 3% faster per UNet call than "xla", and uses XLA elsewhere. `feedforward_impl="pallas"` runs
-    each GEGLU's projection and gate as one Triton kernel (`models/geglu_kernel.py`; experimental: 8–19% slower
-    than "xla" per GEGLU on an H200, where Triton's matmul reached 260–430 TFLOP/s).
+    was faster than "xla", and uses XLA elsewhere. `feedforward_impl="pallas"` runs each GEGLU's projection and
+    gate as one Triton kernel (`models/geglu_kernel.py`; experimental, slower than "xla"). The timings are in
+    bench/NOTES.md ("Measurements behind the code").
     """
 
     in_channels: int = 8

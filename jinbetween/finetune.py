@@ -1,6 +1,6 @@
 """GI backward-motion fine-tune (Algorithm 1 of Generative Inbetweening): train the temporal W_v/W_o delta.
 
-The trainable parameters *are* the backward delta of `jinbetween.delta`: float32 master values for the
+The trainable parameters *are* the backward delta of `jinbetween.models.delta`: float32 master values for the
 `to_v.weight`/`to_out.0.weight` of every temporal `attn1`, added to the frozen base UNet inside the
 jitted step. One step, for a clip already reversed in time (latents z):
 
@@ -34,17 +34,17 @@ import optax
 from flax import nnx
 from PIL import Image, ImageDraw
 
-from jinbetween import atomic, checks, conditioning, schedule
+from jinbetween import atomic, checks, conditioning
 from jinbetween.checkpoint import TrainingCheckpoints
 from jinbetween.conditioning import Conditioning
 from jinbetween.config import UNetConfig
-from jinbetween.conversion import torch_key
-from jinbetween.delta import BACKWARD_DELTA, Delta, delta_keys, delta_shapes, save_delta, with_delta
+from jinbetween.denoiser import denoised, edm_loss, flip_time, paired_velocity
 from jinbetween.errors import ConfigError, DivergedError
-from jinbetween.models.attention import AttnControl, rot180
+from jinbetween.models.delta import Delta, delta_keys, delta_shapes, with_delta
+from jinbetween.models.naming import torch_key
 from jinbetween.models.state import ModelState
-from jinbetween.models.unet import UNet, high_res_blocks
-from jinbetween.samplers.core import flip_time, unet_velocity
+from jinbetween.models.unet import UNet, high_res_blocks, temporal_attention_layers
+from jinbetween.weights.delta import BACKWARD_DELTA, save_delta
 
 log = logging.getLogger(__name__)
 
@@ -95,23 +95,12 @@ class Rule(NamedTuple):
     trained: bool
 
 
-_TEMPORAL_ATTN1 = (r"(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.attentions\.\d+"
-                   r"\.temporal_transformer_blocks\.\d+\.attn1")
-_TRAINED_KEY = _TEMPORAL_ATTN1 + r"\.(to_v|to_out\.0)\.weight"
-
-
 def trainable_rules(cfg: UNetConfig) -> tuple[Rule, ...]:
-    """Returns the rules of GI's fine-tune: temporal attn1 W_v and W_o train, every other parameter is frozen.
-
-    `cfg` is accepted so that rule sets may depend on the architecture; GI's rules do not.
-    """
-    del cfg
-    return (Rule("temporal attn1 W_v/W_o", _TRAINED_KEY, trained=True),
-            Rule("everything else", rf"(?!{_TRAINED_KEY}$).*", trained=False))
-
-
-def _param_keys(unet: ModelState[UNet]) -> dict[str, tuple]:
-    return {torch_key(path): path for path, _ in nnx.to_flat_state(unet.state)}
+    """Returns the rules of GI's fine-tune: temporal attn1 W_v and W_o train, every other parameter is frozen."""
+    layers = "|".join(re.escape(layer) for layer in temporal_attention_layers(cfg))
+    trained = rf"({layers})\.(to_v|to_out\.0)\.weight"
+    return (Rule("temporal attn1 W_v/W_o", trained, trained=True),
+            Rule("everything else", rf"(?!{trained}$).*", trained=False))
 
 
 def select_trainable(unet: ModelState[UNet], rules: Sequence[Rule] | None = None) -> tuple[str, ...]:
@@ -122,7 +111,8 @@ def select_trainable(unet: ModelState[UNet], rules: Sequence[Rule] | None = None
     """
     cfg = unet.merge().config
     rules = trainable_rules(cfg) if rules is None else tuple(rules)
-    matches = {key: [r for r in rules if re.fullmatch(r.pattern, key)] for key in _param_keys(unet)}
+    keys = [torch_key(path) for path, _ in nnx.to_flat_state(unet.state)]
+    matches = {key: [r for r in rules if re.fullmatch(r.pattern, key)] for key in keys}
     unmatched = sorted(k for k, m in matches.items() if not m)
     multiple = sorted(f"{k} ({', '.join(r.name for r in m)})" for k, m in matches.items() if len(m) > 1)
     if unmatched or multiple:
@@ -201,26 +191,21 @@ def backward_loss(delta: Delta, unet: ModelState[UNet], batch: ClipBatch, sigma:
                   remat: bool | Collection[str] = False) -> jax.Array:
     """Returns the EDM-weighted x0 loss (scalar) of the backward model base + `delta` on `batch`.
 
-    sigma: `[B]`, eps: `[B, F, h, w, C]`. The frozen forward pass (base weights) only supplies the
-    rotated attention maps and passes no gradient: differentiate w.r.t. `delta`.
+    sigma: `[B]`, eps: `[B, F, h, w, C]`. The frozen forward pass (base weights) on the clip in original order only
+    supplies the rotated attention maps and passes no gradient: differentiate w.r.t. `delta`.
     """
     z = batch.latents
     z_t = z + sigma[:, None, None, None, None] * eps
-    _, maps = unet_velocity(unet, flip_time(z_t), sigma, batch.reference, guided=False, attn=AttnControl.capture())
-    maps = jax.lax.stop_gradient(rot180(maps))
-
-    v = unet_velocity(with_delta(unet, delta), z_t, sigma, batch.cond, guided=False, attn=AttnControl.inject(maps),
-                      remat=remat)
-    sigma_ = sigma[:, None, None, None, None]
-    weight = (1 + sigma_**2) / sigma_**2
-    return jnp.mean(weight * (schedule.denoised(z_t, v, sigma_) - z) ** 2)
+    _, v = paired_velocity(unet, with_delta(unet, delta), flip_time(z_t), sigma, batch.reference, batch.cond,
+                           remat=remat)
+    loss, _ = edm_loss(denoised(z_t, v, sigma[:, None, None, None, None]), z, sigma)
+    return loss
 
 
 def _decay_targets(unet: ModelState[UNet], delta: Delta) -> dict[str, jax.Array]:
     """The full trained weights base + Δ (float32): GI's AdamW decays W itself, not the delta."""
-    paths = _param_keys(unet)
-    state = dict(nnx.to_flat_state(unet.state))
-    return {key: state[paths[key]].get_value().astype(jnp.float32) + value for key, value in delta.items()}
+    state = {torch_key(path): var for path, var in nnx.to_flat_state(unet.state)}
+    return {key: state[key].get_value().astype(jnp.float32) + value for key, value in delta.items()}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("train_state",))

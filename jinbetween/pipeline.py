@@ -22,18 +22,19 @@ from tqdm.auto import tqdm
 
 from jinbetween import atomic, checks, conditioning, distributed, hardware, schedule
 from jinbetween.conditioning import Conditioning
-from jinbetween.conversion import (IMAGE_ENCODER_COMPONENT, MANIFEST, UNET_COMPONENT, VAE_COMPONENT,
-                                   nonfinite_parameters, raise_nonfinite, read_config, read_manifest,
-                                   save_model_folder)
-from jinbetween.errors import ConfigError, DivergedError, ImageError, InputShapeError
+from jinbetween.errors import ConfigError, DivergedError, ImageError, InputShapeError, WeightsNotFoundError
 from jinbetween.models import VAE, ImageEncoder, UNet
+from jinbetween.models.delta import Delta
 from jinbetween.models.state import ModelState
-from jinbetween.delta import BACKWARD_DELTA, Delta, load_delta, save_delta
-from jinbetween.errors import WeightsNotFoundError
 from jinbetween.samplers import METHODS, Method
-from jinbetween.samplers.core import Draws, sampling_progress
+from jinbetween.samplers.core import Draws
 from jinbetween.samplers.i2v import I2VConfig, sample_i2v
 from jinbetween.video import check_size
+from jinbetween.weights import load_image_encoder, load_unet, load_vae
+from jinbetween.weights.delta import BACKWARD_DELTA, load_delta, save_delta
+from jinbetween.weights.loading import (IMAGE_ENCODER_COMPONENT, UNET_COMPONENT, VAE_COMPONENT, nonfinite_parameters,
+                                        raise_nonfinite, read_config, save_model_folder)
+from jinbetween.weights.manifest import MANIFEST, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def weights_info(path: str | os.PathLike | None = None) -> WeightsInfo:
 
 
 def _default_weights() -> Path:
-    from jinbetween.toyworld.release import default_weights
+    from jinbetween.weights.release import default_weights
 
     return default_weights()
 
@@ -113,6 +114,7 @@ class Pipeline:
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
         self.default_size = default_size
         self._unet_state, self._vae_state, self._encoder_state = (ModelState.of(m) for m in (unet, vae, image_encoder))
+        self._step_bar = _StepBar()
         self._replicas: dict[Mesh, tuple[ModelState, ModelState, ModelState]] = {}
 
     @classmethod
@@ -120,7 +122,7 @@ class Pipeline:
                         **runtime: Any) -> "Pipeline":
         """Loads a converted jinbetween dir or a diffusers SVD pipeline folder (parameters in `dtype`,
         default bf16 on GPU and float32 elsewhere); `runtime` overrides UNet switches like `attention_impl`.
-        Without a path: the shipped toy-world model (`jinbetween.toyworld.release`), which models that world only.
+        Without a path: the shipped toy-world model (`jinbetween.weights.release`), which models that world only.
 
         A converted dir's GI backward delta (`gi_backward/`, see `convert_weights.py --gi-unet`) is loaded too.
         The files are first checked against the sha256 hashes the folder records (a converted dir's manifest.json,
@@ -131,14 +133,14 @@ class Pipeline:
         dtype = dtype or default_dtype()
         settings = _pipeline_settings(path)
         if verify and (path / "release.json").exists():
-            from jinbetween.toyworld.release import verify_release
+            from jinbetween.weights.release import verify_release
 
             verify_release(path)
-        unet = UNet.from_pretrained(path, dtype=dtype, verify=verify, **runtime)
+        unet = load_unet(path, dtype=dtype, verify=verify, **runtime)
         delta = (load_delta(path / BACKWARD_DELTA, unet.config, verify=verify) if (path / BACKWARD_DELTA).exists()
                  else None)
-        return cls(unet, VAE.from_pretrained(path, dtype=dtype, verify=verify),
-                   ImageEncoder.from_pretrained(path, dtype=dtype, verify=verify), backward_delta=delta, **settings)
+        return cls(unet, load_vae(path, dtype=dtype, verify=verify),
+                   load_image_encoder(path, dtype=dtype, verify=verify), backward_delta=delta, **settings)
 
     def save_pretrained(self, path: str | os.PathLike, *, dtype=jnp.float32,
                         max_shard_bytes: int | None = None) -> Path:
@@ -283,13 +285,12 @@ class Pipeline:
         images = _as_uint8_batch(image if batched else [image])
         num_frames = self.unet.config.num_frames if num_frames is None else num_frames
         cfg = I2VConfig(num_frames=num_frames, num_steps=num_inference_steps, min_guidance_scale=min_guidance_scale,
-                        max_guidance_scale=max_guidance_scale, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
-                        progress=progress)
+                        max_guidance_scale=max_guidance_scale, sigma_min=self.sigma_min, sigma_max=self.sigma_max)
         aug_keys, noise_keys = _sample_keys(key, first_index, len(images))
         cond = self.encode(images, keys=aug_keys, aug_noise=_batch_of(aug_noise, batched), fps=fps,
                            motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength)
-        with _progress_bar(len(cfg.program()) if progress else 0):
-            sampled = sample_i2v(self._unet_state, cond, noise_keys, cfg, _batch_of(latents, batched))
+        with self._sampling_progress(progress, len(cfg.program())) as report:
+            sampled = sample_i2v(self._unet_state, cond, noise_keys, cfg, _batch_of(latents, batched), progress=report)
         self._check_sampled(sampled.diverged_at, cfg, "i2v", first_index)
         frames = self._finish(sampled.latents, output, decode_chunk_size, first_index)
         return frames if batched else frames[0]
@@ -327,15 +328,16 @@ class Pipeline:
         n = len(starts)
         cfg = _method_config(spec, num_frames=self.unet.config.num_frames if num_frames is None else num_frames,
                              num_steps=num_inference_steps, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
-                             progress=progress, **options)
+                             **options)
         aug_keys, sample_keys = _sample_keys(key, first_index, n)
         start_cond, end_cond = self._pair_conditioning(
             starts, ends, aug_keys, spec, fps=spec.fps if fps is None else fps, motion_bucket_id=motion_bucket_id,
             noise_aug_strength=noise_aug_strength)
-        extra = (self.backward_delta,) if spec.uses_delta else ()
-        with _progress_bar(len(cfg.program()) if progress else 0):
-            sampled = spec.sample(self._unet_state, start_cond, end_cond, sample_keys, cfg, *extra, draws=draws)
-        self._check_sampled(sampled.diverged_at, cfg, spec.name, first_index, *extra)
+        delta = self.backward_delta if spec.uses_delta else None
+        with self._sampling_progress(progress, len(cfg.program())) as report:
+            sampled = spec.sample(self._unet_state, start_cond, end_cond, sample_keys, cfg, delta=delta, draws=draws,
+                                  progress=report)
+        self._check_sampled(sampled.diverged_at, cfg, spec.name, first_index, delta)
         frames = self._finish(sampled.latents, output, decode_chunk_size, first_index)
         return frames if batched else frames[0]
 
@@ -363,9 +365,8 @@ class Pipeline:
         multiplications by its reciprocal, which XLA would otherwise rewrite in one-device programs only), and a
         one-device run is `interpolate` on that many pairs. Other numbers of pairs per device change float32
         rounding (~1e-6), as batching does in `interpolate` (XLA picks matmul kernels by shape). On GPUs in
-        bf16, programs compiled for different meshes may pick different kernels: on two H200s, 1- and 2-device
-        videos of the toy model differed by up to 79/255 (`bench/results/batch_scaling_toy_h200x2.json`), the
-        sampler amplifying rounding differences; the randomness itself is the same.
+        bf16, programs compiled for different meshes may pick different kernels, and the sampler amplifies those
+        rounding differences into visible ones (bench/NOTES.md); the randomness itself is the same.
         """
         _check_output(output)
         _check_settings(num_inference_steps=num_inference_steps, fps=fps, motion_bucket_id=motion_bucket_id,
@@ -422,6 +423,21 @@ class Pipeline:
         cond = self.encode(np.concatenate([starts, ends]), keys=_pair_aug_keys(spec, aug_keys), **settings)
         return _halves(cond)
 
+    @contextlib.contextmanager
+    def _sampling_progress(self, show: bool, total: int) -> Iterator[Callable[[int], None] | None]:
+        """Yields the samplers' progress callback, None unless `show`: a tqdm bar over the `total` moves."""
+        if not show:
+            yield None
+            return
+        with tqdm(total=total, desc="denoising", unit="step") as bar:
+            self._step_bar.bar = bar
+            try:
+                yield self._step_bar
+                # Sampling is dispatched asynchronously: wait for its step callbacks before the bar is detached.
+                jax.effects_barrier()
+            finally:
+                self._step_bar.bar = None
+
     def _holds_parameters(self, mesh: Mesh) -> bool:
         """True for a one-device mesh on the device that holds the parameters: `interpolate`'s programs run as is."""
         devices = jax.tree.leaves(self._unet_state.state)[0].devices()
@@ -433,8 +449,8 @@ class Pipeline:
         decoded videos)."""
         aug_keys, sample_keys = _split_keys(pair_keys)
         start_cond, end_cond = self._pair_conditioning(starts, ends, aug_keys, spec, **settings)
-        extra = (self.backward_delta,) if spec.uses_delta else ()
-        sampled = spec.sample(self._unet_state, start_cond, end_cond, sample_keys, cfg, *extra, draws=None)
+        sampled = spec.sample(self._unet_state, start_cond, end_cond, sample_keys, cfg,
+                              delta=self.backward_delta if spec.uses_delta else None)
         if output == "latent":
             return sampled.diverged_at, sampled.latents
         return sampled.diverged_at, [self.vae.decode_video(video, decode_chunk_size) for video in sampled.latents]
@@ -490,12 +506,12 @@ def _encode_pairs(vae: ModelState[VAE], encoder: ModelState[ImageEncoder], pixel
 
 @functools.lru_cache(maxsize=32)
 def _pair_sampler(method: str, cfg: Any) -> Callable:
-    """Returns `(unet, start, end, keys, *extra) -> Sampled`: the method's sampler with `cfg` (one object per
+    """Returns `(unet, start, end, keys, [delta]) -> Sampled`: the method's sampler with `cfg` (one object per
     (method, cfg), so that `distributed.per_device` compiles it once)."""
     spec = METHODS[method]
 
-    def sample(unet, start, end, keys, *extra):
-        return spec.sample(unet, start, end, keys, cfg, *extra, draws=None)
+    def sample(unet, start, end, keys, *delta):
+        return spec.sample(unet, start, end, keys, cfg, delta=delta[0] if delta else None)
 
     return sample
 
@@ -681,16 +697,16 @@ def _method_config(spec, *, num_steps: int | None, **fields: Any):
     return spec.config(**fields)
 
 
-@contextlib.contextmanager
-def _progress_bar(total: int):
-    """A tqdm bar over sampling steps, fed by the samplers' step callback (nothing when total is 0)."""
-    if not total:
-        yield
-        return
-    with tqdm(total=total, desc="denoising", unit="step") as bar, sampling_progress(lambda step: bar.update()):
-        yield
-        # Sampling is dispatched asynchronously: wait for its step callbacks before the bar's hook is removed.
-        jax.effects_barrier()
+class _StepBar:
+    """A Pipeline's sampler progress callback (one object, so that the samplers compile once with it): advances the
+    bar of the sampling under way."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update()
 
 
 def _batch_of(array: np.ndarray | None, batched: bool) -> np.ndarray | None:

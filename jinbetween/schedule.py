@@ -1,4 +1,4 @@
-"""EDM/Karras noise schedule and v-prediction preconditioning of SVD (diffusers' EulerDiscreteScheduler).
+"""EDM/Karras noise schedule of SVD (diffusers' EulerDiscreteScheduler); the preconditioning is `denoiser`.
 
 The schedule is host-side numpy (computed in float64 like diffusers, then float32); the per-step math
 is jnp in float32 and matches the scheduler's operation order.
@@ -26,11 +26,6 @@ def karras_sigmas(num_steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float
     return np.append(sigmas.astype(np.float32), np.float32(0))
 
 
-def c_noise(sigma: jax.Array) -> jax.Array:
-    """Returns the UNet's noise conditioning 0.25·ln σ (diffusers' continuous "timestep")."""
-    return 0.25 * jnp.log(sigma)
-
-
 def timesteps(sigmas: np.ndarray) -> np.ndarray:
     """Returns c_noise of every step (all sigmas but the final 0), float32."""
     return (np.float32(0.25) * np.log(sigmas[:-1].astype(np.float32))).astype(np.float32)
@@ -39,16 +34,6 @@ def timesteps(sigmas: np.ndarray) -> np.ndarray:
 def init_noise_sigma(sigma_max: float = SIGMA_MAX) -> float:
     """Returns √(σmax² + 1): the initial-latent scale for diffusers' "leading" timestep spacing."""
     return float(np.sqrt(np.float32(sigma_max) ** 2 + np.float32(1)))
-
-
-def c_in(sigma: jax.Array) -> jax.Array:
-    """Returns the input scale 1/√(σ² + 1) (diffusers' `scale_model_input`)."""
-    return 1 / jnp.sqrt(sigma**2 + 1)
-
-
-def denoised(x: jax.Array, v: jax.Array, sigma: jax.Array) -> jax.Array:
-    """Returns x0 = c_out·v + c_skip·x for v-prediction (c_out = −σ/√(σ²+1), c_skip = 1/(σ²+1))."""
-    return v * (-sigma / jnp.sqrt(sigma**2 + 1)) + x * (1 / (sigma**2 + 1))
 
 
 def euler_step(x: jax.Array, x0: jax.Array, sigma: jax.Array, sigma_next: jax.Array) -> jax.Array:

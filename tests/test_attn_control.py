@@ -57,7 +57,7 @@ def test_injecting_a_pass_own_maps_reproduces_it(tiny_unet, seed):
     _, forward, params = tiny_unet
     args = inputs(seed)
     v, maps = forward(params, *args, attn=AttnControl.capture())
-    chex.assert_trees_all_close(forward(params, *args, attn=AttnControl.inject(maps)), v, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(forward(params, *args, attn=AttnControl.inject(maps))[0], v, rtol=1e-5, atol=1e-5)
 
 
 def test_injection_changes_only_listed_layers(tiny_unet):
@@ -66,10 +66,22 @@ def test_injection_changes_only_listed_layers(tiny_unet):
     _, own = forward(params, *args, attn=AttnControl.capture())
     _, other = forward(params, *inputs(2), attn=AttnControl.capture())
     first, second = unet.temporal_attention_layers[:2]
-    partial_own = forward(params, *args, attn=AttnControl.inject({first: own[first]}))
-    chex.assert_trees_all_close(partial_own, forward(params, *args), rtol=1e-5, atol=1e-5)
-    foreign = forward(params, *args, attn=AttnControl.inject({second: other[second]}))
-    assert float(jnp.abs(foreign - forward(params, *args)).max()) > 1e-3
+    plain, _ = forward(params, *args)
+    partial_own, _ = forward(params, *args, attn=AttnControl.inject({first: own[first]}))
+    chex.assert_trees_all_close(partial_own, plain, rtol=1e-5, atol=1e-5)
+    foreign, _ = forward(params, *args, attn=AttnControl.inject({second: other[second]}))
+    assert float(jnp.abs(foreign - plain).max()) > 1e-3
+
+
+def test_maps_are_empty_unless_captured(tiny_unet):
+    """The UNet always returns (v, maps): maps hold the captured layers only."""
+    _, forward, params = tiny_unet
+    args = inputs(6)
+    v, maps = forward(params, *args)
+    assert maps == {} and v.shape == (2, 4, 8, 8, 4)
+    _, injected_maps = forward(params, *args, attn=AttnControl.inject(forward(params, *args,
+                                                                                attn=AttnControl.capture())[1]))
+    assert injected_maps == {}
 
 
 def test_capture_of_chosen_layers(tiny_unet):

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jinbetween import cli, conversion
+from jinbetween import cli, weights
 from jinbetween.pipeline import Pipeline
-from jinbetween.toyworld import release
+from jinbetween.weights import release
 
 TOY = str(release.WEIGHTS)
 # A message names a fix: one of these verbs (argparse's own errors point to --help with "see").
@@ -171,7 +171,7 @@ def tripwire(monkeypatch):
 
     monkeypatch.setattr(Pipeline, "from_pretrained", trip)
     for name in ("convert_pipeline", "convert_gi_delta", "download_pipeline", "download_unet"):
-        monkeypatch.setattr(conversion, name, trip)
+        monkeypatch.setattr(weights, name, trip)
     return Tripped
 
 

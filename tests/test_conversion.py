@@ -13,10 +13,13 @@ from safetensors.numpy import load_file, save_file
 
 from jinbetween import config
 from jinbetween.cli import main as cli_main
-from jinbetween.conversion import UNET_COMPONENT, download_pipeline, hub_allow_patterns
 from jinbetween.errors import (CorruptWeightsError, KeyMismatchError, PickleRefusedError, ShapeMismatchError,
                                WeightsNotFoundError)
 from jinbetween.models import UNet
+from jinbetween.weights import load_unet
+from jinbetween.weights.hub import download_pipeline, hub_allow_patterns
+from jinbetween.weights.loading import UNET_COMPONENT
+
 from tests.torch_reference import diffusers_unet
 
 UNET_STEM = UNET_COMPONENT.stem
@@ -50,7 +53,7 @@ def test_wrong_shape_is_reported_with_both_shapes(unet_folder):
     rewrite_weights(unet_folder, lambda t: t.update({key: t[key][:16]}))
     with pytest.raises(ShapeMismatchError, match="conv1.weight: file \\(16, 32, 3, 3\\), config expects "
                                                  "\\(32, 32, 3, 3\\)") as err:
-        UNet.from_pretrained(unet_folder)
+        load_unet(unet_folder)
     assert [m[0] for m in err.value.mismatches] == [key]
 
 
@@ -58,14 +61,14 @@ def test_missing_key_is_listed(unet_folder):
     key = "mid_block.attentions.0.temporal_transformer_blocks.0.attn1.to_v.weight"
     rewrite_weights(unet_folder, lambda t: t.pop(key))
     with pytest.raises(KeyMismatchError, match="1 missing key") as err:
-        UNet.from_pretrained(unet_folder)
+        load_unet(unet_folder)
     assert err.value.missing == [key] and err.value.unexpected == []
 
 
 def test_unexpected_key_is_listed(unet_folder):
     rewrite_weights(unet_folder, lambda t: t.update({"lora.up.weight": np.zeros((2, 2), np.float32)}))
     with pytest.raises(KeyMismatchError, match="lora.up.weight") as err:
-        UNet.from_pretrained(unet_folder)
+        load_unet(unet_folder)
     assert err.value.unexpected == ["lora.up.weight"] and err.value.missing == []
 
 
@@ -74,34 +77,34 @@ def test_truncated_file_is_reported_as_corrupt(unet_folder, keep_bytes):
     data = (unet_folder / WEIGHTS).read_bytes()
     (unet_folder / WEIGHTS).write_bytes(data[:keep_bytes])
     with pytest.raises(CorruptWeightsError, match="download it again"):
-        UNet.from_pretrained(unet_folder)
+        load_unet(unet_folder)
 
 
 def test_missing_weights_file_names_what_was_found(unet_folder):
     (unet_folder / WEIGHTS).rename(unet_folder / f"{UNET_STEM}.fp16.safetensors")
     with pytest.raises(WeightsNotFoundError, match="pass the matching --variant"):
-        UNet.from_pretrained(unet_folder)
+        load_unet(unet_folder)
 
 
 def test_not_a_weights_folder(tmp_path):
     with pytest.raises(WeightsNotFoundError, match="does not exist"):
-        UNet.from_pretrained(tmp_path / "nowhere")
+        load_unet(tmp_path / "nowhere")
     with pytest.raises(WeightsNotFoundError, match="convert_weights.py"):
-        UNet.from_pretrained(tmp_path)
+        load_unet(tmp_path)
 
 
 def test_fp16_variant_is_upcast_exactly(reference, tmp_path):
     folder = tmp_path / "unet"
     copy.deepcopy(reference).half().save_pretrained(folder, variant="fp16")
-    loaded = params_of(UNet.from_pretrained(folder, variant="fp16"))
-    fp32 = params_of(UNet.from_pretrained(_save(reference, tmp_path / "fp32")))
+    loaded = params_of(load_unet(folder, variant="fp16"))
+    fp32 = params_of(load_unet(_save(reference, tmp_path / "fp32")))
     for path, value in fp32.items():
         np.testing.assert_array_equal(loaded[path], value.astype(np.float16).astype(np.float32), err_msg=str(path))
 
 
 def test_bfloat16_load_casts_from_float32(unet_folder):
-    bf16 = params_of(UNet.from_pretrained(unet_folder, dtype=jnp.bfloat16))
-    fp32 = params_of(UNet.from_pretrained(unet_folder))
+    bf16 = params_of(load_unet(unet_folder, dtype=jnp.bfloat16))
+    fp32 = params_of(load_unet(unet_folder))
     for path, value in fp32.items():
         assert bf16[path].dtype == ml_dtypes.bfloat16
         np.testing.assert_array_equal(bf16[path], value.astype(ml_dtypes.bfloat16), err_msg=str(path))
@@ -111,7 +114,7 @@ def test_sharded_checkpoint_loads_like_a_single_file(reference, unet_folder, tmp
     sharded = tmp_path / "sharded"
     reference.save_pretrained(sharded, max_shard_size="100KB")
     assert len(list(sharded.glob("*.safetensors"))) > 1
-    single, split = params_of(UNet.from_pretrained(unet_folder)), params_of(UNet.from_pretrained(sharded))
+    single, split = params_of(load_unet(unet_folder)), params_of(load_unet(sharded))
     assert single.keys() == split.keys()
     for path in single:
         np.testing.assert_array_equal(single[path], split[path])
@@ -122,9 +125,9 @@ def test_pickled_weights_need_explicit_permission(reference, unet_folder, tmp_pa
     reference.save_pretrained(pickled, safe_serialization=False)
     assert not list(pickled.glob("*.safetensors"))
     with pytest.raises(PickleRefusedError, match="--allow-pickle"):
-        UNet.from_pretrained(pickled)
-    allowed = params_of(UNet.from_pretrained(pickled, allow_pickle=True))
-    safe = params_of(UNet.from_pretrained(unet_folder))
+        load_unet(pickled)
+    allowed = params_of(load_unet(pickled, allow_pickle=True))
+    safe = params_of(load_unet(unet_folder))
     for path in safe:
         np.testing.assert_array_equal(allowed[path], safe[path])
 
@@ -138,8 +141,8 @@ def test_convert_writes_manifest_with_hashes(reference, unet_folder, tmp_path):
     assert entry["files"] == {WEIGHTS: hashlib.sha256((unet_folder / WEIGHTS).read_bytes()).hexdigest()}
     assert entry["dtype"] == "bfloat16" and entry["config"]["block_out_channels"] == [32, 64]
     assert entry["num_parameters"] == sum(p.numel() for p in reference.parameters())
-    restored = params_of(UNet.from_pretrained(out, dtype=jnp.float32))
-    direct = params_of(UNet.from_pretrained(unet_folder))
+    restored = params_of(load_unet(out, dtype=jnp.float32))
+    direct = params_of(load_unet(unet_folder))
     for path in direct:  # stored as bf16, restored as fp32: exactly the bf16 rounding of the source
         np.testing.assert_array_equal(restored[path], direct[path].astype(ml_dtypes.bfloat16).astype(np.float32))
 
@@ -149,8 +152,8 @@ def test_pipeline_folder_is_accepted(unet_folder, tmp_path):
     shutil.copytree(unet_folder, pipeline / "unet")
     (pipeline / "model_index.json").write_text("{}")
     assert cli_main(["convert", "--local-dir", str(pipeline), "--out", str(tmp_path / "out")]) == 0
-    for a, b in zip(params_of(UNet.from_pretrained(pipeline)).values(),
-                    params_of(UNet.from_pretrained(tmp_path / "out" / "unet")).values()):
+    for a, b in zip(params_of(load_unet(pipeline)).values(),
+                    params_of(load_unet(tmp_path / "out" / "unet")).values()):
         np.testing.assert_array_equal(a, b)
 
 

@@ -21,17 +21,21 @@ from flax import nnx
 from PIL import Image
 from safetensors.numpy import load_file
 
-from jinbetween import Pipeline, atomic, cli, conversion, data, integrity
-from jinbetween.conversion import MANIFEST, UNET_COMPONENT, write_safetensors
-from jinbetween.delta import load_delta
+from jinbetween import Pipeline, atomic, cli, data, integrity
 from jinbetween.errors import ConfigError, DivergedError, IntegrityError, NonFiniteWeightsError
 from jinbetween.finetune import LOG_FILE, RunConfig, TrainConfig, finetune
-from jinbetween.models import VAE, UNet
+from jinbetween.models import naming
 from jinbetween.samplers import Draws, StepProgram
 from jinbetween.samplers.core import Move, run_program
-from jinbetween.toyworld import release, world
+from jinbetween.toyworld import world
 from jinbetween.toyworld.world import WorldConfig
 from jinbetween.video import write_video
+from jinbetween.weights import load_unet, load_vae, loading, manifest, release
+from jinbetween.weights.delta import load_delta
+from jinbetween.weights.loading import UNET_COMPONENT
+from jinbetween.weights.manifest import MANIFEST
+from jinbetween.weights.tensors import write_safetensors
+
 from tests.helpers import torch_single_thread  # noqa: F401 - autouse: torch on one thread
 from tests.torch_reference import diffusers_svd_pipeline
 
@@ -46,7 +50,7 @@ def scaled(module: nnx.Module, key: str, factor: float) -> nnx.Module:
     graphdef, state = nnx.split(module)
     flat = []
     for path, var in nnx.to_flat_state(state):
-        if conversion.torch_key(path) == key:
+        if naming.torch_key(path) == key:
             var = var.replace(value=var.get_value() * factor)
         flat.append((path, var))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
@@ -66,7 +70,7 @@ def pipeline(diffusers_dir):
 
 @pytest.fixture(scope="module")
 def converted(diffusers_dir, tmp_path_factory):
-    return conversion.convert_pipeline(diffusers_dir, tmp_path_factory.mktemp("converted") / "svd")
+    return loading.convert_pipeline(diffusers_dir, tmp_path_factory.mktemp("converted") / "svd")
 
 
 @pytest.fixture(scope="module")
@@ -174,21 +178,21 @@ def test_loading_nonfinite_weights_names_the_model_and_the_tensors(pipeline, dif
     with pytest.raises(NonFiniteWeightsError, match="The UNet weights in .* hold NaN or Inf in 2 tensor") as err:
         Pipeline.from_pretrained(source)
     assert err.value.tensors == sorted(POISONED)
-    assert not conversion.nonfinite_parameters(pipeline.unet), "the unpoisoned folder loaded (negative control)"
+    assert not loading.nonfinite_parameters(pipeline.unet), "the unpoisoned folder loaded (negative control)"
 
 
 def test_a_converted_dir_holding_nonfinite_weights_is_refused_at_load(pipeline, converted, tmp_path):
     """Weights written past the converter's check (hashes recorded, so only the finite check can catch them)."""
     copy = shutil.copytree(converted, tmp_path / "copy")
-    params = {path: np.asarray(value) for path, value in conversion.flat_params(pipeline.unet).items()}
-    path = next(p for p in params if conversion.torch_key(p) == POISONED[0])
+    params = {path: np.asarray(value) for path, value in naming.flat_params(pipeline.unet).items()}
+    path = next(p for p in params if naming.torch_key(p) == POISONED[0])
     params[path] = params[path].copy()
     params[path].flat[3] = -np.inf
-    entry = conversion.read_manifest(copy)["components"]["unet"]
-    with conversion.updating(copy) as staging:
-        conversion.write_component(staging, "unet", params, entry)
+    entry = manifest.read_manifest(copy)["components"]["unet"]
+    with manifest.updating(copy) as staging:
+        manifest.write_component(staging, "unet", params, entry)
     with pytest.raises(NonFiniteWeightsError, match=f"UNet weights .* {POISONED[0]}"):
-        UNet.from_pretrained(copy)
+        load_unet(copy)
 
 
 def test_the_step_where_sampling_diverged_is_named(pipeline, keyframes):
@@ -253,8 +257,8 @@ def test_flipped_bytes_in_a_converted_dir_are_named_at_load_and_by_verify(conver
     assert cli.main(["verify", str(converted)]) == 0, "an intact dir verifies (negative control)"
     assert "match their recorded sha256" in capsys.readouterr().out
     copy = shutil.copytree(converted, tmp_path / "copy")
-    manifest = conversion.read_manifest(copy)
-    damaged = max((name for name in manifest["files"] if name.startswith("unet/")),
+    record = manifest.read_manifest(copy)
+    damaged = max((name for name in record["files"] if name.startswith("unet/")),
                   key=lambda name: (copy / name).stat().st_size)
     flip_middle(copy / damaged)
     with pytest.raises(IntegrityError, match=f"the UNet files in .* do not match their recorded sha256: 1 changed "
@@ -267,12 +271,12 @@ def test_flipped_bytes_in_a_converted_dir_are_named_at_load_and_by_verify(conver
 
 def test_the_hash_check_can_be_skipped(converted, tmp_path):
     copy = shutil.copytree(converted, tmp_path / "copy")
-    manifest = conversion.read_manifest(copy)
-    manifest["files"][next(name for name in manifest["files"] if name.startswith("vae/"))] = "0" * 64
-    atomic.write_json(copy / MANIFEST, manifest)
+    record = manifest.read_manifest(copy)
+    record["files"][next(name for name in record["files"] if name.startswith("vae/"))] = "0" * 64
+    atomic.write_json(copy / MANIFEST, record)
     with pytest.raises(IntegrityError, match="the VAE files"):
-        VAE.from_pretrained(copy)
-    VAE.from_pretrained(copy, verify=False)
+        load_vae(copy)
+    load_vae(copy, verify=False)
 
 
 def test_flipped_bytes_in_the_shipped_release_are_refused_before_loading(tmp_path, capsys):
@@ -287,30 +291,30 @@ def test_flipped_bytes_in_the_shipped_release_are_refused_before_loading(tmp_pat
 def test_hashes_are_cached_by_size_and_time_and_changes_are_rehashed(converted, tmp_path, monkeypatch):
     monkeypatch.setenv(integrity.CACHE_ENV, str(tmp_path / "sha256.json"))
     copy = shutil.copytree(converted, tmp_path / "copy")
-    names = sorted(conversion.read_manifest(copy)["files"])
+    names = sorted(manifest.read_manifest(copy)["files"])
     past = time.time() - 60
     for name in names:
         os.utime(copy / name, (past, past))
     hashed = []
     real = integrity.sha256_of
     monkeypatch.setattr(integrity, "sha256_of", lambda file: hashed.append(file) or real(file))
-    conversion.verify_component(copy, "unet", "UNet")
+    manifest.verify_component(copy, "unet", "UNet")
     first = len(hashed)
     assert first == sum(name.startswith("unet/") for name in names) and (tmp_path / "sha256.json").exists()
-    conversion.verify_component(copy, "unet", "UNet")
+    manifest.verify_component(copy, "unet", "UNet")
     assert len(hashed) == first, "a second load re-hashed unchanged files"
     damaged = next(name for name in names if name.startswith("unet/") and (copy / name).stat().st_size > 8192)
     flip_middle(copy / damaged)
     os.utime(copy / damaged, (past + 1, past + 1))
     with pytest.raises(IntegrityError, match=damaged):
-        conversion.verify_component(copy, "unet", "UNet")
+        manifest.verify_component(copy, "unet", "UNet")
     assert len(hashed) == first + 1, "exactly the changed file is hashed again"
     fresh = copy / next(name for name in names if name.startswith("vae/"))
-    conversion.verify_component(copy, "vae", "VAE")
+    manifest.verify_component(copy, "vae", "VAE")
     os.utime(fresh)  # modified just now: within the timestamp resolution, so never taken from the cache
     before = len(hashed)
-    conversion.verify_component(copy, "vae", "VAE")
-    conversion.verify_component(copy, "vae", "VAE")
+    manifest.verify_component(copy, "vae", "VAE")
+    manifest.verify_component(copy, "vae", "VAE")
     assert hashed[before:].count(fresh.resolve()) == 2
 
 
@@ -363,7 +367,9 @@ def test_an_interrupted_dataset_leaves_no_folder_and_is_written_again(tmp_path, 
 
 KILL_CONVERSION = """
 import os, signal, sys
-from jinbetween import checkpoint, conversion
+from jinbetween import checkpoint
+from jinbetween.weights import loading
+from jinbetween.weights import manifest
 saved = []
 real = checkpoint.save_tree
 def save_tree(path, tree):  # killed while the second component (the VAE) is being written
@@ -371,8 +377,8 @@ def save_tree(path, tree):  # killed while the second component (the VAE) is bei
     if len(saved) == 2:
         os.kill(os.getpid(), signal.SIGKILL)
     real(path, tree)
-conversion.save_tree = save_tree
-conversion.convert_pipeline(sys.argv[1], sys.argv[2])
+manifest.save_tree = save_tree
+loading.convert_pipeline(sys.argv[1], sys.argv[2])
 """
 
 
@@ -384,10 +390,10 @@ def test_a_conversion_killed_midway_leaves_nothing_complete_and_runs_again(diffu
     assert not out.exists() and hidden(tmp_path), "the killed conversion should leave only a hidden partial dir"
     assert cli.main(["convert", "--local-dir", str(diffusers_dir), "--out", str(out)]) == 0
     assert hidden(tmp_path) == [], "the re-run should remove the killed run's partial dir"
-    assert integrity.verify_folder(out) == len(conversion.read_manifest(out)["files"]) > 0
-    assert conversion.read_manifest(out)["components"].keys() == conversion.read_manifest(converted)["components"].keys()
-    abstract = UNET_COMPONENT.abstract(conversion.read_config(out, UNET_COMPONENT))
-    again, reference = (conversion.flat_params(conversion.restore_component(d, "unet", abstract, jnp.float32))
+    assert integrity.verify_folder(out) == len(manifest.read_manifest(out)["files"]) > 0
+    assert manifest.read_manifest(out)["components"].keys() == manifest.read_manifest(converted)["components"].keys()
+    abstract = UNET_COMPONENT.abstract(loading.read_config(out, UNET_COMPONENT))
+    again, reference = (naming.flat_params(loading.restore_component(d, "unet", abstract, jnp.float32))
                         for d in (out, converted))
     for path, value in reference.items():
         np.testing.assert_array_equal(again[path], value, err_msg=f"UNet {path}")

@@ -11,13 +11,13 @@ from flax import nnx
 
 from jinbetween import config
 from jinbetween.conditioning import Conditioning
-from jinbetween.conversion import torch_key
-from jinbetween.delta import delta_keys, delta_shapes, with_delta
 from jinbetween.errors import ConfigError
 from jinbetween.finetune import (ClipBatch, Rule, TrainConfig, backward_loss, draw_noise, init_train_state,
                                  select_trainable, train_step, trainable_rules)
-from jinbetween.models.unet import abstract_unet, temporal_attention_layers
+from jinbetween.models.delta import delta_keys, delta_shapes, with_delta
+from jinbetween.models.naming import torch_key
 from jinbetween.models.state import ModelState
+from jinbetween.models.unet import abstract_unet, temporal_attention_layers
 
 CFG = config.tiny()
 FRAMES, SIZE, BATCH = 3, 8, 2

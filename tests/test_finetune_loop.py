@@ -11,13 +11,14 @@ from PIL import Image
 
 from jinbetween import Pipeline, conditioning, data
 from jinbetween.cli import main as cli_main
-from jinbetween.delta import load_delta
 from jinbetween.errors import ConfigError
 from jinbetween.finetune import (CHECKPOINTS, LOG_FILE, LOSS_PLOT, RunConfig, TrainConfig, backward_loss, clip_batch,
                                  draw_noise, finetune, init_train_state, train_step)
 from jinbetween.models.state import ModelState
 from jinbetween.models.unet import high_res_blocks
 from jinbetween.video import read_video
+from jinbetween.weights.delta import load_delta
+
 from tests.helpers import assert_close
 from tests.torch_reference import diffusers_svd_pipeline
 

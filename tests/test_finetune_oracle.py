@@ -27,11 +27,14 @@ import torch
 
 from jinbetween import config
 from jinbetween.conditioning import Conditioning
-from jinbetween.conversion import TensorSource, convert_tensors, flat_params, merge_params
-from jinbetween.delta import delta_keys, delta_shapes
 from jinbetween.finetune import ClipBatch, backward_loss
 from jinbetween.models import abstract_unet
+from jinbetween.models.delta import delta_keys, delta_shapes
+from jinbetween.models.naming import flat_params, merge_params
 from jinbetween.models.state import ModelState
+from jinbetween.weights.loading import convert_tensors
+from jinbetween.weights.tensors import TensorSource
+
 from tests.helpers import relative_error, torch_single_thread  # noqa: F401 (autouse fixture)
 from tests.torch_reference import TorchConditioning, diffusers_unet, gi_finetune_loss, state_dict_numpy
 

@@ -11,11 +11,15 @@ from flax import nnx
 
 from jinbetween import config
 from jinbetween.cli import main as cli_main
-from jinbetween.conversion import GI_BASE_REPO, MANIFEST, convert_gi_delta, download_unet, record_in_manifest
-from jinbetween.delta import BACKWARD_DELTA, delta_keys, load_delta, with_delta
 from jinbetween.errors import ConfigError, DeltaMismatchError, ShapeMismatchError, WeightsNotFoundError
 from jinbetween.models import UNet
+from jinbetween.models.delta import delta_keys, with_delta
 from jinbetween.models.state import ModelState
+from jinbetween.weights import load_unet
+from jinbetween.weights.delta import BACKWARD_DELTA, GI_BASE_REPO, convert_gi_delta, load_delta
+from jinbetween.weights.hub import download_unet
+from jinbetween.weights.manifest import MANIFEST, record_in_manifest
+
 from tests.torch_reference import diffusers_unet
 
 CFG = config.tiny()
@@ -35,7 +39,7 @@ def perturbed(unet: torch.nn.Module, keys, scale: float, seed: int = 7) -> torch
 
 
 def params_by_key(unet: UNet) -> dict[str, np.ndarray]:
-    from jinbetween.conversion import torch_key
+    from jinbetween.models.naming import torch_key
 
     return {torch_key(path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(unet))}
 
@@ -84,8 +88,8 @@ def test_delta_is_the_torch_difference_in_nnx_layout(gi, converted):
 
 def test_base_plus_delta_reproduces_the_finetuned_unet(gi, converted):
     base, finetuned, _ = gi
-    merged = params_by_key(with_delta(ModelState.of(UNet.from_pretrained(base)), load_delta(converted, CFG)).merge())
-    want = params_by_key(UNet.from_pretrained(finetuned))
+    merged = params_by_key(with_delta(ModelState.of(load_unet(base)), load_delta(converted, CFG)).merge())
+    want = params_by_key(load_unet(finetuned))
     assert merged.keys() == want.keys()
     trained = set(delta_keys(CFG))
     for key, value in want.items():
@@ -140,7 +144,7 @@ def test_identical_unet_gives_a_zero_delta_and_a_warning(gi, tmp_path, caplog):
     (same / "diffusion_pytorch_model.safetensors").symlink_to(base / "unet" / "diffusion_pytorch_model.safetensors")
     config_json = json.loads((base / "unet" / "config.json").read_text())
     (same / "config.json").write_text(json.dumps({**config_json, "num_frames": 14}))  # holds no parameter
-    with caplog.at_level(logging.WARNING, logger="jinbetween.conversion"):
+    with caplog.at_level(logging.WARNING, logger="jinbetween.weights.delta"):
         path = convert_gi_delta(same, base, tmp_path / "out")
     assert "all 8 delta tensors are zero" in caplog.text
     assert all(not np.any(v) for v in load_delta(path, CFG).values())

@@ -7,10 +7,12 @@ from PIL import Image
 
 from jinbetween import Pipeline
 from jinbetween.cli import main as cli_main
-from jinbetween.delta import delta_shapes, save_delta
 from jinbetween.errors import ConfigError, InputShapeError, WeightsNotFoundError
+from jinbetween.models.delta import delta_shapes
 from jinbetween.samplers import METHODS
 from jinbetween.video import read_video
+from jinbetween.weights.delta import save_delta
+
 from tests.torch_reference import diffusers_svd_pipeline
 
 H, W, F = 16, 24, 3

@@ -11,11 +11,13 @@ import pytest
 import torch
 from flax import nnx
 
-from jinbetween.conversion import TensorSource, convert_tensors, flat_params, merge_params
 from jinbetween.models import attention as attention_lib
 from jinbetween.models.attention import Attention
-from jinbetween.models.layers import (Downsample2D, FeedForward, GroupNorm, LayerNorm, nearest_resize,
-                                      sincos_embedding)
+from jinbetween.models.layers import Downsample2D, FeedForward, GroupNorm, LayerNorm, nearest_resize, sincos_embedding
+from jinbetween.models.naming import flat_params, merge_params
+from jinbetween.weights.loading import convert_tensors
+from jinbetween.weights.tensors import TensorSource
+
 from tests.helpers import assert_close
 from tests.torch_reference import randomize_, state_dict_numpy
 

@@ -30,16 +30,19 @@ import torch
 
 from jinbetween import config
 from jinbetween.conditioning import Conditioning
-from jinbetween.conversion import TensorSource, convert_tensors, flat_params, merge_params
-from jinbetween.delta import delta_shapes
 from jinbetween.models import abstract_unet
+from jinbetween.models.delta import delta_shapes
+from jinbetween.models.naming import flat_params, merge_params
 from jinbetween.models.state import ModelState
 from jinbetween.samplers.core import Draws, draws_from_keys
 from jinbetween.samplers.gi import GIConfig, sample_gi
 from jinbetween.samplers.trf import TRFConfig, jump_schedule, sample_trf
+from jinbetween.weights.loading import convert_tensors
+from jinbetween.weights.tensors import TensorSource
+
 from tests.helpers import assert_close, relative_error, torch_single_thread  # noqa: F401 (autouse fixture)
-from tests.torch_reference import (SVD_SCHEDULER, CaptureProcessor, InjectProcessor, diffusers_unet,
-                                   state_dict_numpy, temporal_processors)
+from tests.torch_reference import (SVD_SCHEDULER, CaptureProcessor, InjectProcessor, diffusers_unet, state_dict_numpy,
+                                   temporal_processors)
 
 TOL = 1e-4
 CFG = config.tiny()

@@ -17,15 +17,17 @@ from hypothesis import strategies as st
 
 from jinbetween import config, schedule
 from jinbetween.conditioning import Conditioning
-from jinbetween.delta import delta_shapes
+from jinbetween.denoiser import flip_time, fuse
+from jinbetween.errors import ConfigError
 from jinbetween.models import UNet
+from jinbetween.models.delta import delta_shapes
 from jinbetween.models.state import ModelState
 from jinbetween.samplers import (METHODS, Draws, GIConfig, I2VConfig, MPDConfig, TRFConfig, ViBiDConfig,
-                                 count_unet_calls, draws_from_keys, sample_gi, sample_i2v, sample_mpd, sample_trf,
-                                 sample_vibid, unet_calls)
-from jinbetween.samplers.bidirectional import distilled_estimate
-from jinbetween.samplers.core import flip_time, fuse
+                                 draws_from_keys, sample_gi, sample_i2v, sample_mpd, sample_trf, sample_vibid,
+                                 unet_calls)
+from jinbetween.samplers.mpd import distilled_estimate
 from jinbetween.samplers.trf import jump_schedule
+
 from tests.helpers import assert_close
 
 F, LATENT = 5, (8, 8, 4)
@@ -39,6 +41,24 @@ videos = hnp.arrays(np.float32, hnp.array_shapes(min_dims=3, max_dims=5, min_sid
 @pytest.fixture(scope="module")
 def unet() -> ModelState[UNet]:
     return ModelState.of(UNet(config.tiny(), rngs=nnx.Rngs(0)))
+
+
+EVALUATIONS: list[str] = []  # one entry per UNet evaluation of a CountingUNet: "traced" when traced, "ran" when run
+
+
+class CountingUNet(UNet):
+    """The UNet, noting each evaluation: once when a program is traced, and, through a host callback compiled into
+    the program, each time it runs."""
+
+    def __call__(self, *args, **kwargs):
+        EVALUATIONS.append("traced")
+        jax.debug.callback(lambda: EVALUATIONS.append("ran"), ordered=True)
+        return super().__call__(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def counting_unet() -> ModelState[UNet]:
+    return ModelState.of(CountingUNet(config.tiny(), rngs=nnx.Rngs(0)))
 
 
 def conditioning(seed: int, batch: int = 1) -> Conditioning:
@@ -136,17 +156,30 @@ def test_gi_program_repeats_the_first_half_with_reinjected_noise():
 
 @pytest.mark.parametrize("method, expected", [("gi", 350), ("trf", 110), ("mpd", 185), ("mpd-seq", 65),
                                               ("vibid", 50)])
-def test_unet_evaluations_at_defaults_equal_the_reference_table(unet, method, expected):
+def test_unet_evaluations_at_defaults_equal_the_reference_table(counting_unet, method, expected):
     """algorithms.md §2: counted at run time (one callback per UNet call), at the default schedules.
     Two runs with one key also give the same video."""
     spec = METHODS[method]
     cfg = spec.config(num_frames=3)
     assert unet_calls(method, cfg) == expected
-    args = (unet, conditioning(1), conditioning(2), keys(0), cfg) + ((None,) if spec.uses_delta else ())
-    with count_unet_calls() as calls:
-        first = jax.block_until_ready(spec.sample(*args))
-        assert len(calls) == expected, f"{method}: {len(calls)} UNet calls executed, the reference makes {expected}"
-        chex.assert_trees_all_equal(spec.sample(*args), first)
+    args = (counting_unet, conditioning(1), conditioning(2), keys(0), cfg)
+    EVALUATIONS.clear()
+    first = jax.block_until_ready(spec.sample(*args))
+    jax.effects_barrier()
+    ran = EVALUATIONS.count("ran")
+    assert ran == expected, f"{method}: {ran} UNet calls executed, the reference makes {expected}"
+    chex.assert_trees_all_equal(spec.sample(*args), first)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_sampling_program_compiles_two_unet_evaluations(counting_unet, method):
+    """Whatever the mix of move kinds in its program (MPD: distillation, ViBiD steps and parallel moves), a sampler
+    traces the UNet twice: its moves share the start- and the end-conditioned evaluation."""
+    spec = METHODS[method]
+    cfg = spec.config(num_frames=3, num_steps=4)
+    EVALUATIONS.clear()
+    spec.sample.lower(counting_unet, conditioning(1), conditioning(2), keys(0), cfg)
+    assert EVALUATIONS.count("traced") == 2, f"{method}: the program traces {EVALUATIONS.count('traced')} UNet calls"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,8 +192,8 @@ def test_trf_is_time_symmetric(unet):
     assert cfg.program().noise_before.any(), "the schedule should contain a jump"
     start, end = conditioning(1), conditioning(2)
     draws = draws_from_keys(keys(3), len(cfg.program()), (F, *LATENT))
-    video = sample_trf(unet, start, end, keys(3), cfg, draws).latents
-    swapped = sample_trf(unet, end, start, keys(3), cfg, flipped(draws)).latents
+    video = sample_trf(unet, start, end, keys(3), cfg, draws=draws).latents
+    swapped = sample_trf(unet, end, start, keys(3), cfg, draws=flipped(draws)).latents
     assert_close(flip_time(swapped), video, ROUNDING, "TRF with swapped keyframes, reversed in time")
 
 
@@ -182,8 +215,8 @@ def test_gi_backward_path_uses_the_delta(unet):
     zero = {k: jnp.zeros_like(v) for k, v in delta.items()}
     args = (unet, conditioning(1), conditioning(2), keys(0), cfg)
     base = sample_gi(*args).latents
-    chex.assert_trees_all_close(sample_gi(*args, zero).latents, base, atol=1e-6)
-    assert float(jnp.abs(sample_gi(*args, delta).latents - base).max()) > 1e-3
+    chex.assert_trees_all_close(sample_gi(*args, delta=zero).latents, base, atol=1e-6)
+    assert float(jnp.abs(sample_gi(*args, delta=delta).latents - base).max()) > 1e-3
 
 
 def test_injected_draws_equal_the_keys_own(unet):
@@ -191,7 +224,7 @@ def test_injected_draws_equal_the_keys_own(unet):
     args = (unet, conditioning(1), conditioning(2), keys(4), cfg)
     draws = draws_from_keys(keys(4), len(cfg.program()), (F, *LATENT))
     # Equal up to rounding: the two programs are compiled separately, so XLA may fuse the arithmetic differently.
-    assert_close(sample_mpd(*args, draws).latents, sample_mpd(*args).latents, ROUNDING,
+    assert_close(sample_mpd(*args, draws=draws).latents, sample_mpd(*args).latents, ROUNDING,
                  "MPD-seq with the keys' draws injected")
 
 
@@ -216,15 +249,14 @@ def test_sequential_samplers_end_exactly_on_the_start_keyframe(unet, sampler, cf
 def test_same_key_same_video_and_batch_equals_separate_runs(unet, method):
     spec = METHODS[method]
     cfg = spec.config(num_frames=F, num_steps=2)
-    extra = (None,) if spec.uses_delta else ()
     starts, ends = stack(conditioning(1), conditioning(3)), stack(conditioning(2), conditioning(4))
-    batch = spec.sample(unet, starts, ends, keys(10, 11), cfg, *extra).latents
-    again = spec.sample(unet, starts, ends, keys(10, 11), cfg, *extra).latents
+    batch = spec.sample(unet, starts, ends, keys(10, 11), cfg).latents
+    again = spec.sample(unet, starts, ends, keys(10, 11), cfg).latents
     chex.assert_trees_all_equal(batch, again)
     for i, (s, e) in enumerate([(1, 2), (3, 4)]):
-        alone = spec.sample(unet, conditioning(s), conditioning(e), keys(10 + i), cfg, *extra).latents
+        alone = spec.sample(unet, conditioning(s), conditioning(e), keys(10 + i), cfg).latents
         assert_close(batch[i:i + 1], alone, ROUNDING, f"{method}: pair {i} in a batch of 2 against alone")
-    other = spec.sample(unet, starts, ends, keys(12, 13), cfg, *extra).latents
+    other = spec.sample(unet, starts, ends, keys(12, 13), cfg).latents
     for i in range(2):
         assert not np.allclose(other[i], batch[i], atol=1e-2), f"{method}: pair {i} ignores its key"
 
@@ -239,13 +271,29 @@ def test_repeated_calls_do_not_retrace(unet):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_sampling_programs_make_no_host_round_trips_unless_progress_is_asked(unet, method):
-    """The whole sampler is one device program: without `progress`, its HLO holds no host callback (nor any
-    other transfer to or from the host); with it, one callback per move reports the step."""
+    """The whole sampler is one device program: without a `progress` callback, its HLO holds no host callback (nor
+    any other transfer to or from the host); with one, one callback per move reports the step."""
     spec = METHODS[method]
     host_ops = ("callback", "infeed", "outfeed", "send", "recv")
-    for progress in (False, True):
-        cfg = spec.config(num_frames=3, num_steps=2, progress=progress)
-        args = (unet, conditioning(1), conditioning(2), keys(0), cfg) + ((None,) if spec.uses_delta else ())
-        hlo = spec.sample.lower(*args).as_text()
+    cfg = spec.config(num_frames=3, num_steps=2)
+    for progress in (None, print):
+        hlo = spec.sample.lower(unet, conditioning(1), conditioning(2), keys(0), cfg, progress=progress).as_text()
         found = [op for op in host_ops if op in hlo]
-        assert (found != []) == progress, f"{method}, progress={progress}: host operations {found}"
+        assert (found != []) == (progress is not None), f"{method}, progress={progress}: host operations {found}"
+
+
+def test_progress_reports_every_move_in_order(unet):
+    cfg = MPDConfig.sequential(num_frames=3, num_steps=2)
+    reported = []
+    jax.block_until_ready(sample_mpd(unet, conditioning(1), conditioning(2), keys(0), cfg, progress=reported.append))
+    jax.effects_barrier()
+    assert reported == list(range(len(cfg.program())))
+
+
+@pytest.mark.parametrize("method", ["trf", "mpd", "vibid"])
+def test_samplers_without_a_backward_model_refuse_a_delta(unet, method):
+    spec = METHODS[method]
+    delta = {k: jnp.zeros(s) for k, s in delta_shapes(config.tiny()).items()}
+    with pytest.raises(ConfigError, match="no backward model"):
+        spec.sample(unet, conditioning(1), conditioning(2), keys(0), spec.config(num_frames=3, num_steps=1),
+                    delta=delta)

@@ -7,9 +7,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jinbetween import schedule
-from tests.torch_reference import SVD_SCHEDULER
+from jinbetween import denoiser, schedule
 
+from tests.torch_reference import SVD_SCHEDULER
 
 
 def svd_scheduler(num_steps: int):
@@ -44,7 +44,7 @@ def test_euler_step_equals_scheduler_step(step_index):
     x, v = (rng.standard_normal((2, 3, 4, 5)).astype(np.float32) * 50 for _ in range(2))
     expected = scheduler.step(torch.from_numpy(v), scheduler.timesteps[step_index], torch.from_numpy(x)).prev_sample
     sigma, sigma_next = scheduler.sigmas[step_index].item(), scheduler.sigmas[step_index + 1].item()
-    x0 = schedule.denoised(jnp.asarray(x), jnp.asarray(v), jnp.float32(sigma))
+    x0 = denoiser.denoised(jnp.asarray(x), jnp.asarray(v), jnp.float32(sigma))
     out = schedule.euler_step(jnp.asarray(x), x0, jnp.float32(sigma), jnp.float32(sigma_next))
     np.testing.assert_allclose(np.asarray(out), expected.numpy(), rtol=1e-5, atol=1e-5 * np.abs(x).max())
 

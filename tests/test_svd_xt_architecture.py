@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from jinbetween import config
-from jinbetween.conversion import flat_params, torch_key, torch_shape
 from jinbetween.models import abstract_image_encoder, abstract_unet, abstract_vae, temporal_attention_layers
+from jinbetween.models.naming import flat_params, torch_key, torch_shape
 
 DATA = Path(__file__).parent / "data"  # key dumps of diffusers 0.42.1 / transformers 5.23.0 models on the meta device
 

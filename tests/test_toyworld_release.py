@@ -10,7 +10,7 @@ import pytest
 from jinbetween import cli
 from jinbetween.errors import CorruptWeightsError
 from jinbetween.pipeline import Pipeline
-from jinbetween.toyworld import release
+from jinbetween.weights import release
 
 
 def test_shipped_weights_match_their_manifest_hashes():

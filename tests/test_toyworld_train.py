@@ -211,7 +211,7 @@ def test_measured_throughput_times_the_step_that_training_then_reuses(pool):
 
 
 def test_backward_delta_trains_only_the_delta_keys_on_pool_clips(pool):
-    from jinbetween.delta import delta_keys
+    from jinbetween.models.delta import delta_keys
 
     trainables = tiny_trainables()
     unet = train.with_config(trainables.unet, trainables.unet.config)
@@ -283,7 +283,7 @@ def test_saved_pipeline_loads_in_diffusers_and_transformers_with_every_key(tiny_
     from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
     from transformers import CLIPVisionModelWithProjection
 
-    from jinbetween.conversion import export_params
+    from jinbetween.weights.loading import export_params
 
     folder = tiny_pipeline.save_pretrained(tmp_path / "pipe")
     for cls, name in ((UNetSpatioTemporalConditionModel, "unet"), (AutoencoderKLTemporalDecoder, "vae"),

@@ -18,12 +18,15 @@ from jinbetween import AttnControl, rot180
 from jinbetween.cli import main as cli_main
 from jinbetween.config import CROSS_ATTN_DOWN, CROSS_ATTN_UP, DOWN, UP, UNetConfig, tiny
 from jinbetween.models import UNet, unet_apply
+from jinbetween.models.attention import name_temporal_attention
 from jinbetween.models.resnet import SpatioTemporalResBlock
 from jinbetween.models.transformer import TransformerSpatioTemporalModel
+from jinbetween.weights import load_unet
+
 from tests.helpers import assert_close
 from tests.test_layers import port
-from tests.torch_reference import (CaptureProcessor, InjectProcessor, diffusers_unet, randomize_,
-                                   temporal_processors, torch_unet_forward)
+from tests.torch_reference import (CaptureProcessor, InjectProcessor, diffusers_unet, randomize_, temporal_processors,
+                                   torch_unet_forward)
 
 TOL = 1e-5
 
@@ -67,10 +70,11 @@ def parity_case(request, tmp_path_factory):
     reference = diffusers_unet(case.config, seed=1)
     folder = tmp_path_factory.mktemp(case.name) / "unet"
     reference.save_pretrained(folder)
-    return case, reference, UNet.from_pretrained(folder), folder
+    return case, reference, load_unet(folder), folder
 
 
 def jitted(unet: UNet):
+    """Returns (the jitted forward `(params, *inputs, attn=None) -> (v, maps)`, params)."""
     graphdef, params = nnx.split(unet)
     return jax.jit(lambda p, *args, attn=None: unet_apply(graphdef, p, *args, attn=attn)), params
 
@@ -79,18 +83,18 @@ def test_unet_matches_diffusers(parity_case):
     case, reference, unet, _ = parity_case
     inputs = unet_inputs(case)
     forward, params = jitted(unet)
-    assert_close(forward(params, *inputs), torch_unet_forward(reference, *inputs), TOL, f"UNet {case.name}")
+    assert_close(forward(params, *inputs)[0], torch_unet_forward(reference, *inputs), TOL, f"UNet {case.name}")
 
 
 def test_converted_dir_loads_the_same_unet(parity_case, tmp_path):
     case, reference, unet, folder = parity_case
     assert cli_main(["convert", "--local-dir", str(folder), "--out", str(tmp_path / "converted")]) == 0
-    converted = UNet.from_pretrained(tmp_path / "converted")
+    converted = load_unet(tmp_path / "converted")
     for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(unet)), nnx.to_flat_state(nnx.state(converted))):
         np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
     inputs = unet_inputs(case, seed=3)
     forward, params = jitted(converted)
-    assert_close(forward(params, *inputs), torch_unet_forward(reference, *inputs), TOL, f"converted {case.name}")
+    assert_close(forward(params, *inputs)[0], torch_unet_forward(reference, *inputs), TOL, f"converted {case.name}")
 
 
 def test_captured_maps_equal_torch_attention_probabilities(parity_case):
@@ -115,13 +119,13 @@ def test_injected_maps_match_torch_oracle(parity_case):
     rotated = {name: np.asarray(p) for name, p in rot180(maps).items()}
     with temporal_processors(reference, lambda name: InjectProcessor(rotated[name])):
         expected = torch_unet_forward(reference, *inputs)
-    assert_close(forward(params, *inputs, attn=AttnControl.inject(rotated)), expected, TOL,
+    assert_close(forward(params, *inputs, attn=AttnControl.inject(rotated))[0], expected, TOL,
                  "UNet with injected rot180 maps")
 
 
 def test_full_cross_attention_equals_single_token_shortcut(parity_case):
     case, reference, unet, folder = parity_case
-    full = UNet.from_pretrained(folder, cross_attention_shortcut=False)
+    full = load_unet(folder, cross_attention_shortcut=False)
     inputs = unet_inputs(case, seed=7)
     forward_full, params_full = jitted(full)
     forward_fast, params_fast = jitted(unet)
@@ -162,8 +166,8 @@ def test_transformer_spatio_temporal_matches_diffusers():
 
     b, f, h, w, c, d = 2, 5, 3, 4, 64, 48
     ref = randomize_(TorchModel(4, c // 4, in_channels=c, num_layers=2, cross_attention_dim=d), 10)
-    model = port(ref, lambda r: TransformerSpatioTemporalModel(c, heads=4, context_dim=d, num_layers=2, impl="xla",
-                                                               shortcut=True, name="blk", rngs=r))
+    model = port(ref, lambda r: name_temporal_attention(TransformerSpatioTemporalModel(
+        c, heads=4, context_dim=d, num_layers=2, impl="xla", shortcut=True, rngs=r)))
     rng = np.random.default_rng(10)
     x = rng.standard_normal((b * f, h, w, c)).astype(np.float32)
     context = rng.standard_normal((b, 1, d)).astype(np.float32)
@@ -173,5 +177,5 @@ def test_transformer_spatio_temporal_matches_diffusers():
                        image_only_indicator=torch.zeros(b, f)).sample.permute(0, 2, 3, 1).numpy()
     out, maps = model(jnp.asarray(x), jnp.asarray(context), f, AttnControl.capture())
     assert_close(out, expected, TOL, "TransformerSpatioTemporalModel")
-    assert sorted(maps) == ["blk.temporal_transformer_blocks.0.attn1", "blk.temporal_transformer_blocks.1.attn1"]
-    assert maps["blk.temporal_transformer_blocks.0.attn1"].shape == (b * h * w, 4, f, f)
+    assert sorted(maps) == ["temporal_transformer_blocks.0.attn1", "temporal_transformer_blocks.1.attn1"]
+    assert maps["temporal_transformer_blocks.0.attn1"].shape == (b * h * w, 4, f, f)

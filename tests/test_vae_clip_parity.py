@@ -16,8 +16,10 @@ from flax import nnx
 from jinbetween import config
 from jinbetween.cli import main as cli_main
 from jinbetween.errors import InputShapeError
-from jinbetween.models import VAE, ImageEncoder, UNet
+from jinbetween.models import VAE, ImageEncoder
 from jinbetween.models import vae as vae_module
+from jinbetween.weights import load_image_encoder, load_unet, load_vae
+
 from tests.helpers import assert_close
 from tests.torch_reference import diffusers_unet, diffusers_vae, transformers_clip
 
@@ -38,7 +40,7 @@ def vae_case(request, tmp_path_factory):
     reference = diffusers_vae(cfg, seed=3)
     folder = tmp_path_factory.mktemp(request.param) / "vae"
     reference.save_pretrained(folder)
-    return cfg, size, reference, VAE.from_pretrained(folder)
+    return cfg, size, reference, load_vae(folder)
 
 
 def nchw(x: np.ndarray) -> torch.Tensor:
@@ -128,7 +130,7 @@ def test_image_encoder_matches_transformers(act, tmp_path):
     cfg = config.tiny_image_encoder().replace(hidden_act=act)
     reference = transformers_clip(cfg, seed=4)
     reference.save_pretrained(tmp_path / "image_encoder")
-    encoder = ImageEncoder.from_pretrained(tmp_path / "image_encoder")
+    encoder = load_image_encoder(tmp_path / "image_encoder")
     pixels = np.random.default_rng(4).standard_normal((3, 28, 28, 3)).astype(np.float32)
     with torch.no_grad():
         expected = reference(pixel_values=nchw(pixels)).image_embeds.numpy()
@@ -146,7 +148,7 @@ def test_image_encoder_drops_a_stored_position_ids_buffer(tmp_path):
     pixels = np.random.default_rng(5).standard_normal((1, 28, 28, 3)).astype(np.float32)
     with torch.no_grad():
         expected = reference(pixel_values=nchw(pixels)).image_embeds.numpy()
-    assert_close(ImageEncoder.from_pretrained(tmp_path)(pixels), expected, TOL, "CLIP with position_ids in file")
+    assert_close(load_image_encoder(tmp_path)(pixels), expected, TOL, "CLIP with position_ids in file")
 
 
 def test_image_encoder_refuses_wrong_resolution():
@@ -171,9 +173,9 @@ def test_pipeline_folder_converts_to_one_manifest(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert sorted(manifest["components"]) == ["image_encoder", "unet", "vae"]
     assert manifest["pipeline"]["scheduler"] == {"sigma_max": 700.0}
-    for cls in (UNet, VAE, ImageEncoder):
-        from_converted, from_folder = cls.from_pretrained(out), cls.from_pretrained(pipeline)
+    for load in (load_unet, load_vae, load_image_encoder):
+        from_converted, from_folder = load(out), load(pipeline)
         for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(from_converted)),
                                      nnx.to_flat_state(nnx.state(from_folder))):
             np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()),
-                                          err_msg=f"{cls.__name__} {path}")
+                                          err_msg=f"{load.__name__} {path}")

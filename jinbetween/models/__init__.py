@@ -1,4 +1,7 @@
-"""Flax NNX ports of the SVD models; attribute paths equal the diffusers/transformers state-dict names."""
+"""Flax NNX ports of the SVD models; attribute paths equal the diffusers/transformers state-dict names.
+
+The models never know where their weights come from: `jinbetween.weights` loads and saves them.
+"""
 
 from jinbetween.models.attention import ATTENTION_KERNELS, AttnControl, rot180
 from jinbetween.models.image_encoder import ImageEncoder, abstract_image_encoder

@@ -169,14 +169,16 @@ class Attention(nnx.Module):
 class TemporalSelfAttention(Attention):
     """Self-attention over frames with explicit probabilities, so maps can be captured or injected.
 
-    `name` is the layer's diffusers path, the key of its map in `AttnControl` dicts. `impl="pallas"` computes the
+    `name` is the key of its map in `AttnControl` dicts: inside a UNet, its diffusers path, set by the UNet from
+    the module graph (`name_temporal_attention`). `impl="pallas"` computes the
     attention core (logits, softmax, probabilities·v, the captured or injected maps) in one Triton kernel on an
     NVIDIA GPU (`temporal_attention_kernel`) wherever it takes the shapes, and through XLA elsewhere; both compute
     the same arithmetic. `impl="auto"` uses the kernel on Hopper GPUs (where it was measured faster) and XLA
     elsewhere.
     """
 
-    def __init__(self, dim: int, *, heads: int, head_dim: int, name: str, impl: str = "auto", rngs: nnx.Rngs):
+    def __init__(self, dim: int, *, heads: int, head_dim: int, name: str = "attn1", impl: str = "auto",
+                 rngs: nnx.Rngs):
         super().__init__(dim, heads=heads, head_dim=head_dim, rngs=rngs)
         self.name = name
         self.core_impl = impl
@@ -212,3 +214,17 @@ class TemporalSelfAttention(Attention):
             else:
                 out = (core.attend if kernel else core.attend_reference)(q, k, v, self.heads)
         return self.to_out[0](out), captured
+
+
+def temporal_attention_modules(module: nnx.Module) -> dict[str, TemporalSelfAttention]:
+    """Returns {path: layer} of every temporal self-attention inside `module`, in call order: the one definition of
+    these layers (in a UNet, `...temporal_transformer_blocks.N.attn1`), read from the module graph."""
+    return {".".join(map(str, path)): node for path, node in nnx.iter_graph(module)
+            if isinstance(node, TemporalSelfAttention)}
+
+
+def name_temporal_attention(module: nnx.Module) -> nnx.Module:
+    """Returns `module`, each of its temporal self-attention layers named by its path (the key of its maps)."""
+    for name, layer in temporal_attention_modules(module).items():
+        layer.name = name
+    return module

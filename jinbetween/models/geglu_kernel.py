@@ -1,8 +1,8 @@
 """GEGLU's projection and gate as one GPU kernel (Pallas, Triton back-end).
 
 XLA runs a GEGLU as a matmul to `[M, 2·inner]` (value | gate) and then an elementwise pass that reads both halves
-and writes `value · gelu(gate)` `[M, inner]`: that pass was 54 ms of the 386 ms of kernels in one guided SVD-XT
-UNet call on an H200 (bench/NOTES.md). Here each program computes a `[bm, bn]` tile of the value and the gate
+and writes `value · gelu(gate)` `[M, inner]`: the largest memory-bound pass of a UNet call (bench/NOTES.md,
+"Measurements behind the code"). Here each program computes a `[bm, bn]` tile of the value and the gate
 products side by side in float32, applies the gate in registers and writes only the `[M, inner]` result: the
 projection's output shrinks by half and the gate pass disappears. Whether Triton's matmul keeps up with cuBLAS on
 these shapes is the open question (`bench/geglu_kernel.py` times both).
@@ -20,14 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jinbetween.models.activations import geglu_gate
+
 # Tile of one program: rows, output columns of each half, reduction step; Triton's warps and pipeline stages.
 TILE_ROWS, TILE_COLS, TILE_DEPTH, NUM_WARPS, NUM_STAGES = 128, 64, 64, 4, 3
 
 
 def geglu_reference(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """XLA's GEGLU of rows `x [M, C]`: (x·W + b) split as [value | gate], value · gelu_erf(gate), in x's dtype."""
-    from jinbetween.models.layers import geglu_gate
-
     return geglu_gate(x @ kernel.astype(x.dtype) + bias.astype(x.dtype))
 
 

@@ -5,16 +5,15 @@ Only `image_embeds` is computed: the projected, *not* normalized, class token af
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jinbetween.config import ImageEncoderConfig
 from jinbetween.errors import InputShapeError
+from jinbetween.models.activations import gelu_erf
 from jinbetween.models.attention import ATTENTION_KERNELS, resolve_attention_impl
-from jinbetween.models.layers import LayerNorm, gelu_erf
+from jinbetween.models.layers import LayerNorm
 
 _ACTIVATIONS = {
     "gelu": gelu_erf,
@@ -123,12 +122,6 @@ class ImageEncoder(nnx.Module):
                                   "channels-last and CLIP-normalized (see jinbetween.conditioning).")
         return self.visual_projection(self.vision_model(pixels.astype(self.dtype))).astype(jnp.float32)
 
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype=jnp.float32, **runtime) -> "ImageEncoder":
-        """Loads a transformers `image_encoder/` folder, an SVD pipeline folder, or a converted jinbetween dir."""
-        from jinbetween.conversion import IMAGE_ENCODER_COMPONENT, load_component
-
-        return load_component(path, IMAGE_ENCODER_COMPONENT, dtype=dtype, **runtime)
 
 
 def abstract_image_encoder(config: ImageEncoderConfig) -> ImageEncoder:

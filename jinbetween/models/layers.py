@@ -14,6 +14,8 @@ import numpy as np
 from flax import nnx
 
 from jinbetween import hardware
+from jinbetween.models import geglu_kernel
+from jinbetween.models.activations import geglu_gate
 
 
 class GroupNorm(nnx.Module):
@@ -106,25 +108,6 @@ class TimestepEmbedding(nnx.Module):
         return self.linear_2(jax.nn.silu(self.linear_1(x)))
 
 
-def _gelu_erf_f32(x: jax.Array) -> jax.Array:
-    """Exact GELU of `x` in float32, x·(1 + erf(x/√2))/2: torch's formula. (`jax.nn.gelu` goes through erfc,
-    which XLA evaluates with both of its branches, an exp and a division per element: 2x the ALU work of erf.)"""
-    x32 = x.astype(jnp.float32)
-    return 0.5 * x32 * (1 + jax.lax.erf(x32 * np.float32(1 / math.sqrt(2))))
-
-
-def gelu_erf(x: jax.Array) -> jax.Array:
-    """Exact GELU in float32, returned in `x`'s dtype."""
-    return _gelu_erf_f32(x).astype(x.dtype)
-
-
-def geglu_gate(projected: jax.Array) -> jax.Array:
-    """value · gelu_erf(gate) of a GEGLU projection split as [value | gate], the product in float32, returned in
-    the projection's dtype."""
-    value, gate = jnp.split(projected, 2, axis=-1)
-    return (value.astype(jnp.float32) * _gelu_erf_f32(gate)).astype(value.dtype)
-
-
 class GEGLU(nnx.Module):
     """Linear to 2·inner, split as [value | gate], value · gelu_erf(gate), the product in float32.
 
@@ -138,8 +121,6 @@ class GEGLU(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.impl == "pallas":
-            from jinbetween.models import geglu_kernel
-
             hardware.require_triton_gpu("feedforward_impl")
             channels, inner = x.shape[-1], self.proj.out_features // 2
             rows = x.size // channels

@@ -3,9 +3,8 @@
 SVD's temporal attention runs one short sequence per pixel: 25 frames, head dim 64, and B·h·w·heads sequences
 (92 160 per layer at level 0 of a guided call). XLA turns it into two batched matmuls that need the heads moved in
 front of the frames, so around them it transposes the queries, keys, values and output, materializes the float32
-logits and the probabilities, and runs the softmax as its own pass: 13.4 ms of the 386 ms of kernels in one guided
-SVD-XT UNet call on an H200 (bench/NOTES.md), against ~5 ms for reading q, k, v and writing the output once.
-Measured on an H200 the 16 kernels take 3.1 ms and the call 340 ms instead of 351: the default on Hopper GPUs.
+logits and the probabilities, and runs the softmax as its own pass, several times the memory traffic of reading q,
+k, v and writing the output once (bench/NOTES.md, "Measurements behind the code": the default on Hopper GPUs).
 
 Here one program takes one (sequence, head): it reads that head's `[F, D]` slices of q, k and v where the
 projections wrote them (`[N, F, heads·D]`, no transposes), computes the `[F, F]` logits, the softmax and the

@@ -42,14 +42,13 @@ class BasicTransformerBlock(nnx.Module):
 class TemporalBasicTransformerBlock(nnx.Module):
     """Temporal block over the frames of each pixel: GEGLU in, self-attention (maps), cross-attention, GEGLU."""
 
-    def __init__(self, dim: int, *, heads: int, context_dim: int, impl: str, shortcut: bool, name: str,
+    def __init__(self, dim: int, *, heads: int, context_dim: int, impl: str, shortcut: bool,
                  ff_impl: str = "xla", temporal_impl: str = "auto", rngs: nnx.Rngs):
         head_dim = dim // heads
         self.norm_in = LayerNorm(dim, eps=LN_EPS, rngs=rngs)
         self.ff_in = FeedForward(dim, impl=ff_impl, rngs=rngs)
         self.norm1 = LayerNorm(dim, eps=LN_EPS, rngs=rngs)
-        self.attn1 = TemporalSelfAttention(dim, heads=heads, head_dim=head_dim, name=f"{name}.attn1",
-                                           impl=temporal_impl, rngs=rngs)
+        self.attn1 = TemporalSelfAttention(dim, heads=heads, head_dim=head_dim, impl=temporal_impl, rngs=rngs)
         self.norm2 = LayerNorm(dim, eps=LN_EPS, rngs=rngs)
         self.attn2 = Attention(dim, heads=heads, head_dim=head_dim, context_dim=context_dim, impl=impl,
                                single_token_shortcut=shortcut, rngs=rngs)
@@ -73,14 +72,13 @@ class TransformerSpatioTemporalModel(nnx.Module):
     """GN → proj_in → [spatial block, + frame-index embedding → temporal block, time_mixer]ₙ → proj_out, + input."""
 
     def __init__(self, channels: int, *, heads: int, context_dim: int, num_layers: int, impl: str,
-                 shortcut: bool, name: str, ff_impl: str = "xla", temporal_impl: str = "auto", rngs: nnx.Rngs):
+                 shortcut: bool, ff_impl: str = "xla", temporal_impl: str = "auto", rngs: nnx.Rngs):
         self.norm = GroupNorm(channels, eps=1e-6, rngs=rngs)
         self.proj_in = nnx.Linear(channels, channels, rngs=rngs)
         kw = dict(heads=heads, context_dim=context_dim, impl=impl, shortcut=shortcut, ff_impl=ff_impl, rngs=rngs)
         self.transformer_blocks = nnx.List([BasicTransformerBlock(channels, **kw) for _ in range(num_layers)])
         self.temporal_transformer_blocks = nnx.List([
-            TemporalBasicTransformerBlock(channels, name=f"{name}.temporal_transformer_blocks.{i}",
-                                          temporal_impl=temporal_impl, **kw)
+            TemporalBasicTransformerBlock(channels, temporal_impl=temporal_impl, **kw)
             for i in range(num_layers)])
         self.time_pos_embed = TimestepEmbedding(channels, 4 * channels, channels, rngs=rngs)
         self.time_mixer = AlphaBlender(init=0.5, rngs=rngs)

@@ -6,7 +6,7 @@ so a converted checkpoint can be audited key by key.
 
 from __future__ import annotations
 
-import os
+import functools
 from collections.abc import Collection
 
 import jax
@@ -15,7 +15,7 @@ from flax import nnx
 
 from jinbetween.config import CROSS_ATTN_DOWN, CROSS_ATTN_UP, UNetConfig
 from jinbetween.errors import InputShapeError
-from jinbetween.models.attention import NO_CONTROL, AttnControl
+from jinbetween.models.attention import NO_CONTROL, AttnControl, name_temporal_attention, temporal_attention_modules
 from jinbetween.models.layers import Downsample2D, GroupNorm, TimestepEmbedding, Upsample2D, conv2d, sincos_embedding
 from jinbetween.models.resnet import SpatioTemporalResBlock
 from jinbetween.models.transformer import TransformerSpatioTemporalModel
@@ -23,13 +23,13 @@ from jinbetween.models.transformer import TransformerSpatioTemporalModel
 Maps = dict[str, jax.Array]
 
 
-def _transformers(cfg: UNetConfig, level: int, count: int, channels: int, prefix: str, rngs: nnx.Rngs) -> nnx.List:
+def _transformers(cfg: UNetConfig, level: int, count: int, channels: int, rngs: nnx.Rngs) -> nnx.List:
     return nnx.List([
         TransformerSpatioTemporalModel(
             channels, heads=cfg.num_attention_heads[level], context_dim=cfg.cross_attention_dim[level],
             num_layers=cfg.transformer_layers_per_block[level], impl=cfg.attention_impl,
             shortcut=cfg.cross_attention_shortcut, ff_impl=cfg.feedforward_impl,
-            temporal_impl=cfg.temporal_attention_impl, name=f"{prefix}.attentions.{j}", rngs=rngs)
+            temporal_impl=cfg.temporal_attention_impl, rngs=rngs)
         for j in range(count)])
 
 
@@ -44,7 +44,7 @@ class DownBlock(nnx.Module):
         self.resnets = nnx.List([
             SpatioTemporalResBlock(in_ch if i == 0 else out_ch, out_ch, temb_dim=cfg.time_embed_dim, eps=eps, rngs=rngs)
             for i in range(n)])
-        self.attentions = (_transformers(cfg, level, n, out_ch, f"down_blocks.{level}", rngs)
+        self.attentions = (_transformers(cfg, level, n, out_ch, rngs)
                            if has_attention else None)
         is_last = level == len(cfg.block_out_channels) - 1
         self.downsamplers = None if is_last else nnx.List([Downsample2D(out_ch, padding=1, rngs=rngs)])
@@ -70,7 +70,7 @@ class MidBlock(nnx.Module):
         ch = cfg.block_out_channels[-1]
         self.resnets = nnx.List([
             SpatioTemporalResBlock(ch, ch, temb_dim=cfg.time_embed_dim, eps=1e-5, rngs=rngs) for _ in range(2)])
-        self.attentions = _transformers(cfg, -1, 1, ch, "mid_block", rngs)
+        self.attentions = _transformers(cfg, -1, 1, ch, rngs)
 
     def __call__(self, x, temb, context, num_frames, attn) -> tuple[jax.Array, Maps]:
         x = self.resnets[0](x, temb, num_frames)
@@ -93,7 +93,7 @@ class UpBlock(nnx.Module):
             SpatioTemporalResBlock((prev_ch if i == 0 else out_ch) + (skip_ch_last if i == n - 1 else out_ch),
                                    out_ch, temb_dim=cfg.time_embed_dim, eps=1e-6, rngs=rngs)
             for i in range(n)])
-        self.attentions = (_transformers(cfg, level, n, out_ch, f"up_blocks.{index}", rngs)
+        self.attentions = (_transformers(cfg, level, n, out_ch, rngs)
                            if has_attention else None)
         self.upsamplers = None if level == 0 else nnx.List([Upsample2D(out_ch, rngs=rngs)])
 
@@ -110,7 +110,7 @@ class UpBlock(nnx.Module):
 
 
 class UNet(nnx.Module):
-    """The SVD spatio-temporal UNet. `unet(x, c_noise, image_embeds, added_time_ids) -> v`, channels-last."""
+    """The SVD spatio-temporal UNet. `unet(x, c_noise, image_embeds, added_time_ids) -> (v, maps)`, channels-last."""
 
     def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs):
         cfg = self.config = config
@@ -126,6 +126,7 @@ class UNet(nnx.Module):
         self.up_blocks = nnx.List([UpBlock(cfg, i, rngs=rngs) for i in range(len(cfg.block_out_channels))])
         self.conv_norm_out = GroupNorm(c0, eps=1e-5, rngs=rngs)
         self.conv_out = conv2d(c0, cfg.out_channels, 3, rngs=rngs)
+        name_temporal_attention(self)
 
     @property
     def dtype(self):
@@ -135,12 +136,13 @@ class UNet(nnx.Module):
     @property
     def temporal_attention_layers(self) -> tuple[str, ...]:
         """Diffusers paths of the temporal self-attention layers in call order: the keys of captured maps."""
-        return temporal_attention_layers(self.config)
+        return tuple(temporal_attention_modules(self))
 
     def __call__(self, x: jax.Array, c_noise: jax.Array, image_embeds: jax.Array, added_time_ids: jax.Array,
                  *, attn: AttnControl | None = None,
-                 remat: bool | Collection[str] = False) -> jax.Array | tuple[jax.Array, Maps]:
-        """Returns v `[B, F, h, w, out]` (float32), and the captured maps too when `attn` captures.
+                 remat: bool | Collection[str] = False) -> tuple[jax.Array, Maps]:
+        """Returns (v `[B, F, h, w, out]` (float32), maps): maps holds the captured temporal attention maps, empty
+        unless `attn` captures.
 
         x: `[B, F, h, w, in]` noisy latents (scaled by c_in) concatenated with the conditioning latents.
         c_noise: `[B]` or scalar, 0.25·ln σ. image_embeds: `[B, L, cross_dim]`. added_time_ids: `[B, ids]`.
@@ -184,7 +186,7 @@ class UNet(nnx.Module):
             maps.update(block_maps)
         z = self.conv_out(jax.nn.silu(self.conv_norm_out(z)))
         v = z.reshape(b, f, h, w, -1).astype(jnp.float32)
-        return (v, maps) if control.mode == "capture" else v
+        return v, maps
 
     def blocks(self) -> list[tuple[str, nnx.Module]]:
         """The down, mid and up blocks with their diffusers names, in call order."""
@@ -208,16 +210,6 @@ class UNet(nnx.Module):
                                   "(fps-1, motion_bucket_id, noise_aug_strength per video).")
         return b, f, h, w
 
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype=jnp.float32, **runtime) -> "UNet":
-        """Loads a diffusers `unet/` folder, an SVD pipeline folder, or a converted jinbetween dir.
-
-        `runtime` overrides config switches such as `attention_impl`, `cross_attention_shortcut`,
-        `feedforward_impl` or `temporal_attention_impl`.
-        """
-        from jinbetween.conversion import UNET_COMPONENT, load_component
-
-        return load_component(path, UNET_COMPONENT, dtype=dtype, **runtime)
 
 
 def _call_block(block: nnx.Module, remat: bool, call, *arrays):
@@ -235,21 +227,22 @@ def high_res_blocks(cfg: UNetConfig) -> tuple[str, str]:
     return "down_blocks.0", f"up_blocks.{len(cfg.block_out_channels) - 1}"
 
 
+@functools.cache
+def temporal_attention_channels(cfg: UNetConfig) -> dict[str, int]:
+    """Returns {diffusers path: channels} of the temporal self-attention layers of a UNet of this config, in call
+    order (the keys of captured maps; W_v and W_o of each are square `[C, C]`)."""
+    return {name: layer.to_v.in_features for name, layer in temporal_attention_modules(abstract_unet(cfg)).items()}
+
+
 def temporal_attention_layers(cfg: UNetConfig) -> tuple[str, ...]:
-    """Diffusers paths of every `...temporal_transformer_blocks.N.attn1` of a UNet of this config, in call order."""
-    n = len(cfg.block_out_channels)
-    owners = [(f"down_blocks.{i}", cfg.layers_per_block[i], cfg.transformer_layers_per_block[i])
-              for i, t in enumerate(cfg.down_block_types) if t == CROSS_ATTN_DOWN]
-    owners.append(("mid_block", 1, cfg.transformer_layers_per_block[-1]))
-    owners += [(f"up_blocks.{i}", cfg.layers_per_block[n - 1 - i] + 1, cfg.transformer_layers_per_block[n - 1 - i])
-               for i, t in enumerate(cfg.up_block_types) if t == CROSS_ATTN_UP]
-    return tuple(f"{prefix}.attentions.{j}.temporal_transformer_blocks.{k}.attn1"
-                 for prefix, count, layers in owners for j in range(count) for k in range(layers))
+    """Returns the diffusers paths of the temporal self-attention layers of a UNet of this config, in call order."""
+    return tuple(temporal_attention_channels(cfg))
 
 
 def unet_apply(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, c_noise: jax.Array,
-               image_embeds: jax.Array, added_time_ids: jax.Array, attn: AttnControl | None = None):
-    """The UNet forward as a pure function of `nnx.split(unet)`, for `jax.jit` with `graphdef` static."""
+               image_embeds: jax.Array, added_time_ids: jax.Array,
+               attn: AttnControl | None = None) -> tuple[jax.Array, Maps]:
+    """Returns the UNet's (v, maps) as a pure function of `nnx.split(unet)`, for `jax.jit` with `graphdef` static."""
     return nnx.merge(graphdef, params)(x, c_noise, image_embeds, added_time_ids, attn=attn)
 
 

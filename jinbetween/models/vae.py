@@ -8,7 +8,6 @@ mix information across the frames of each decoded chunk.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -289,12 +288,6 @@ class VAE(nnx.Module):
         graphdef, state = nnx.split(self)
         return _decode_video(graphdef, state, latents, min(chunk_size or latents.shape[0], latents.shape[0]))
 
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype=jnp.float32, **runtime) -> "VAE":
-        """Loads a diffusers `vae/` folder, an SVD pipeline folder, or a converted jinbetween dir."""
-        from jinbetween.conversion import VAE_COMPONENT, load_component
-
-        return load_component(path, VAE_COMPONENT, dtype=dtype, **runtime)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))

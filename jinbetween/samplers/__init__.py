@@ -10,9 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from jinbetween.samplers import bidirectional, gi, trf
-from jinbetween.samplers.core import (Draws, Sampled, StepProgram, count_unet_calls, denoise, draws_from_keys,
-                                      guided_velocity, per_frame_guidance, sampling_progress)
+from jinbetween.samplers import gi, mpd, trf, vibid
+from jinbetween.samplers.core import Draws, Progress, Sampled, StepProgram, draws_from_keys, per_frame_guidance
 from jinbetween.samplers.gi import GIConfig, sample_gi
 from jinbetween.samplers.i2v import I2VConfig, sample_i2v
 from jinbetween.samplers.mpd import MPDConfig, sample_mpd
@@ -26,7 +25,7 @@ class Method:
 
     name: str
     config: Callable[..., Any]  # keyword overrides → the sampler's frozen config
-    sample: Callable[..., Any]  # (unet, start, end, keys, cfg, [delta,] draws=None) → Sampled
+    sample: Callable[..., Any]  # (unet, start, end, keys, cfg, *, delta=None, draws=None, progress=None) → Sampled
     fps: float  # frame rate the UNet is conditioned on (fps − 1 is the micro-condition)
     shared_aug_noise: bool  # one noise-augmentation draw for both keyframes (diffusers-based code)
     calls_per_move: dict[int, int]  # UNet calls per move kind
@@ -36,11 +35,10 @@ class Method:
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("gi", GIConfig, sample_gi, fps=7, shared_aug_noise=True, calls_per_move=gi.UNET_CALLS, uses_delta=True),
     Method("trf", TRFConfig, sample_trf, fps=7, shared_aug_noise=True, calls_per_move=trf.UNET_CALLS),
-    Method("mpd", MPDConfig, sample_mpd, fps=9, shared_aug_noise=False, calls_per_move=bidirectional.UNET_CALLS),
+    Method("mpd", MPDConfig, sample_mpd, fps=9, shared_aug_noise=False, calls_per_move=mpd.UNET_CALLS),
     Method("mpd-seq", MPDConfig.sequential, sample_mpd, fps=9, shared_aug_noise=False,
-           calls_per_move=bidirectional.UNET_CALLS),
-    Method("vibid", ViBiDConfig, sample_vibid, fps=7, shared_aug_noise=False,
-           calls_per_move=bidirectional.UNET_CALLS),
+           calls_per_move=mpd.UNET_CALLS),
+    Method("vibid", ViBiDConfig, sample_vibid, fps=7, shared_aug_noise=False, calls_per_move=vibid.UNET_CALLS),
 )}
 
 
@@ -50,6 +48,6 @@ def unet_calls(method: str, cfg: Any) -> int:
     return sum(program.count(kind) * calls for kind, calls in METHODS[method].calls_per_move.items())
 
 
-__all__ = ["METHODS", "Draws", "GIConfig", "I2VConfig", "MPDConfig", "Method", "Sampled", "StepProgram", "TRFConfig",
-           "ViBiDConfig", "count_unet_calls", "denoise", "draws_from_keys", "guided_velocity", "per_frame_guidance",
-           "sample_gi", "sample_i2v", "sample_mpd", "sample_trf", "sample_vibid", "sampling_progress", "unet_calls"]
+__all__ = ["METHODS", "Draws", "GIConfig", "I2VConfig", "MPDConfig", "Method", "Progress", "Sampled", "StepProgram",
+           "TRFConfig", "ViBiDConfig", "draws_from_keys", "per_frame_guidance", "sample_gi", "sample_i2v",
+           "sample_mpd", "sample_trf", "sample_vibid", "unet_calls"]

@@ -1,39 +1,55 @@
-"""CFG++ bidirectional moves shared by ViBiD and MPD (both written on Stability's sgm sampler).
+"""The dispatch shared by ViBiD and MPD (both written on Stability's sgm sampler): CFG++ moves with keyframe pins.
 
-Every move evaluates the UNet on the `[uncond; cond]` batch and keeps both x0 estimates: the
-conditional one (guidance scale 1) is the new estimate and the unconditional one gives the noise
-direction (CFG++: `x' = x̂0 + σ'·(x − x̂0_∅)/σ`). Keyframes enter as hard pins: the clean keyframe
-latent replaces an estimate's end frame (the official "DDS" conjugate-gradient solve on a 0/1 frame
-mask, which is exactly that replacement). Three kinds of move, at σ → σ':
+Every move evaluates the UNet on the `[uncond; cond]` batch and keeps both x0 estimates: the conditional one
+(guidance scale 1) is the new estimate and the unconditional one gives the noise direction (CFG++:
+`x' = x̂0 + σ'·(x − x̂0_∅)/σ`). Keyframes enter as hard pins: the clean keyframe latent replaces an estimate's end
+frame (the official "DDS" conjugate-gradient solve on a 0/1 frame mask, which is exactly that replacement).
 
-* SEQUENTIAL, ViBiD's step S(x): forward CFG++ step conditioned on the start keyframe with the last
-  frame of x̂0 pinned to z_end; re-noise to σ; the same on the time-flipped latent conditioned on the end
-  keyframe with its last frame pinned to z_start; flip back. 2 UNet calls.
-* DISTILL, MPD's motion-prior distillation: from the forward estimate only, the backward noise is
-  rebuilt frame by frame from the forward per-frame noise differences, anchored so the backward first
-  frame denoises to z_end; the distilled x̂0 (backward last frame pinned to z_start) takes a CFG++ step
-  with the forward unconditional direction. 1 UNet call; the program re-noises after it.
-* PARALLEL, MPD's TRF-like base: forward and backward conditional estimates fused per frame with
-  linspace(1, 0), CFG++ step with the forward unconditional direction. 2 UNet calls.
-
-Each move calls the start-conditioned UNet once on x, and the end-conditioned one (when the kind
-needs it) under `lax.cond`: a program of any mix of kinds compiles two UNet evaluations.
+A method's moves (ViBiD's step S(x) in `vibid.py`; MPD's distillation and parallel moves in `mpd.py`) are each
+written in two parts around the end-conditioned evaluation, a `PairedMove`. Each move evaluates the
+start-conditioned UNet once on x, then, when its kind needs it, the end-conditioned one under `lax.cond`: a
+program of any mix of kinds compiles two UNet evaluations.
 """
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple, Sequence
+
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jinbetween.conditioning import Conditioning
+from jinbetween.denoiser import denoise_pair, flip_time
 from jinbetween.models.state import ModelState
 from jinbetween.models.unet import UNet
-from jinbetween.samplers.core import (Draws, Sampled, SamplerConfig, cfg_pp_step, denoise_pair, flip_time, fuse,
-                                      run_program, start_latents)
+from jinbetween.samplers.core import Draws, Progress, Sampled, SamplerConfig, StepProgram, sample_program
 
-SEQUENTIAL, DISTILL, PARALLEL = 0, 1, 2
-UNET_CALLS = {SEQUENTIAL: 2, DISTILL: 1, PARALLEL: 2}
+
+class Keyframes(NamedTuple):
+    """The clean keyframe latents `[B, h, w, C]` that pin the estimates' end frames."""
+
+    start: jax.Array
+    end: jax.Array
+
+
+class Estimates(NamedTuple):
+    """One UNet evaluation's x0 estimates `[B, F, h, w, C]`: unconditional and conditional."""
+
+    uncond: jax.Array
+    cond: jax.Array
+
+
+class PairedMove(NamedTuple):
+    """One kind of move, split around the end-conditioned evaluation.
+
+    before(x, forward, row, fresh, keyframes) → y: the latent whose time flip the end-conditioned UNet denoises.
+    after(x, y, forward, backward, row, keyframes) → x at σ_next. backward: whether the move needs that
+    evaluation (if not, `after` gets zeros).
+    """
+
+    before: Callable[..., jax.Array]
+    after: Callable[..., jax.Array]
+    backward: bool
 
 
 def pin_last_frame(x0: jax.Array, keyframe: jax.Array) -> jax.Array:
@@ -41,43 +57,34 @@ def pin_last_frame(x0: jax.Array, keyframe: jax.Array) -> jax.Array:
     return x0.at[:, -1].set(keyframe)
 
 
-def distilled_estimate(x: jax.Array, x0_forward: jax.Array, sigma: jax.Array, z_start: jax.Array,
-                       z_end: jax.Array) -> jax.Array:
-    """Returns MPD's distilled x̂0 `[B, F, ...]` in forward order, computed as the paper writes it.
+def unchanged(x: jax.Array, *_) -> jax.Array:
+    """Returns `x`: the `before` of a move whose backward evaluation (if any) sees x itself."""
+    return x
 
-    The backward noise starts at `(x_b[0] − z_end)/σ` and accumulates the negated, time-reversed
-    differences of the forward per-frame noise; x̂0_b = x_b − σ·ε_b, its last frame pinned to z_start.
-    (The sum telescopes: the result is x0_forward + (z_end − x0_forward[-1]) with frame 0 = z_start.)
-    """
-    eps_forward = (x - x0_forward) * (1 / sigma)
-    motion = eps_forward[:, 1:] - eps_forward[:, :-1]
-    x_backward = flip_time(x)
-    anchor = (x_backward[:, :1] - z_end[:, None]) * (1 / sigma)
-    eps_backward = jnp.concatenate([anchor, anchor + jnp.cumsum(-flip_time(motion), axis=1)], axis=1)
-    x0_backward = pin_last_frame(x_backward - sigma * eps_backward, z_start)
-    return flip_time(x0_backward)
+
+def _dispatch(kind: jax.Array, branches: Sequence[Callable[..., jax.Array]], *args) -> jax.Array:
+    return branches[0](*args) if len(branches) == 1 else jax.lax.switch(kind, list(branches), *args)
 
 
 def sample_bidirectional(unet: ModelState[UNet], start: Conditioning, end: Conditioning, keys: jax.Array,
-                         cfg: SamplerConfig, draws: Draws | None = None) -> Sampled:
-    """Returns the latents `[B, F, h, w, C]` after running `cfg.program()` (moves of the kinds above), as `Sampled`;
+                         cfg: SamplerConfig, moves: Sequence[PairedMove], draws: Draws | None,
+                         progress: Progress | None) -> Sampled:
+    """Returns the latents `[B, F, h, w, C]` (`Sampled`) after `cfg.program()`, whose move kind k is `moves[k]`;
     call under jit."""
-    z_start, z_end = start.clean_latent, end.clean_latent
-    blend = jnp.asarray(np.linspace(1, 0, cfg.num_frames, dtype=np.float32))
+    keyframes = Keyframes(start.clean_latent, end.clean_latent)
+    needs_backward = jnp.asarray([m.backward for m in moves])
+
+    def backward_estimates(y: jax.Array, row: StepProgram) -> Estimates:
+        return Estimates(*denoise_pair(unet, flip_time(y), row.sigma, end))
 
     def move(x, row, fresh):
-        sigma, sigma_next = row.sigma, row.sigma_next
-        uncond, x0 = denoise_pair(unet, x, sigma, start)
-        distilled = cfg_pp_step(distilled_estimate(x, x0, sigma, z_start, z_end), x, uncond, sigma, sigma_next)
-        forward_half = (cfg_pp_step(pin_last_frame(x0, z_end), x, uncond, sigma, sigma_next)
-                        + jnp.sqrt(sigma**2 - sigma_next**2) * fresh)
-        y = jnp.where(row.kind == SEQUENTIAL, forward_half, x)
-        uncond_b, x0_b = jax.lax.cond(row.kind == DISTILL, lambda: (jnp.zeros_like(y), jnp.zeros_like(y)),
-                                      lambda: denoise_pair(unet, flip_time(y), sigma, end))
-        sequential = flip_time(cfg_pp_step(pin_last_frame(x0_b, z_start), flip_time(y), uncond_b, sigma,
-                                           sigma_next))
-        parallel = cfg_pp_step(fuse(x0, x0_b, blend, 1 - blend), x, uncond, sigma, sigma_next)
-        return jnp.select([row.kind == SEQUENTIAL, row.kind == DISTILL], [sequential, distilled], parallel)
+        forward = Estimates(*denoise_pair(unet, x, row.sigma, start))
+        y = _dispatch(row.kind, [m.before for m in moves], x, forward, row, fresh, keyframes)
+        if all(m.backward for m in moves):
+            backward = backward_estimates(y, row)
+        else:
+            backward = jax.lax.cond(needs_backward[row.kind], lambda: backward_estimates(y, row),
+                                    lambda: Estimates(jnp.zeros_like(y), jnp.zeros_like(y)))
+        return _dispatch(row.kind, [m.after for m in moves], x, y, forward, backward, row, keyframes)
 
-    return run_program(move, start_latents(keys, start, cfg, draws), cfg.program(), keys,
-                       None if draws is None else draws.moves, progress=cfg.progress, move_uses_noise=True)
+    return sample_program(move, keys, start, cfg, draws, progress, move_uses_noise=True)

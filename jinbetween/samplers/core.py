@@ -1,4 +1,5 @@
-"""Shared sampler pieces: UNet evaluations, guidance, time flips, fusion, and step programs.
+"""Shared sampler pieces: guidance scales, the CFG++ update, configs, and step programs (the UNet evaluations are
+`jinbetween.denoiser`).
 
 A *step program* is a table of moves built on the host from a method's schedule (one row per move:
 its kind, σ → σ_next, the σ that scales the UNet input, and how much fresh noise it adds before and
@@ -8,7 +9,6 @@ phases are data: a method compiles once whatever its schedule.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Callable, ClassVar, NamedTuple, Sequence
 
@@ -17,41 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jinbetween import checks, schedule
-from jinbetween.conditioning import Conditioning, cfg_batch
-from jinbetween.models.attention import AttnControl
-from jinbetween.models.state import ModelState
-from jinbetween.models.unet import UNet
-
-_progress_hook: Callable[[int], None] | None = None
-_unet_call_hook: Callable[[], None] | None = None
-
+from jinbetween.conditioning import Conditioning
+from jinbetween.errors import ConfigError
 
 # --------------------------------------------------------------------------------------------------
-# Guidance, flips, fusion.
+# Guidance.
 
 
 def per_frame_guidance(min_scale: float, max_scale: float, num_frames: int) -> np.ndarray:
     """Returns `[F]` float32 guidance scales linspace(min, max, F): weak at the keyframe, strong at the end."""
     return np.linspace(min_scale, max_scale, num_frames, dtype=np.float32)
-
-
-def flip_time(x: jax.Array) -> jax.Array:
-    """Returns `x [B, F, ...]` with its frames in reverse order."""
-    return jnp.flip(x, axis=1)
-
-
-def _per_frame(weights: jax.Array, like: jax.Array) -> jax.Array:
-    return jnp.reshape(weights, (1, -1) + (1,) * (like.ndim - 2))
-
-
-def fuse(forward: jax.Array, backward: jax.Array, forward_weights: jax.Array,
-         backward_weights: jax.Array) -> jax.Array:
-    """Returns `w_f ⊙ forward + w_b ⊙ flip(backward)`: a forward-order path fused with a backward-order one.
-
-    forward, backward: `[B, F, ...]`, each in its own frame order. Weights `[F]` in output (forward) order.
-    """
-    return (_per_frame(forward_weights, forward) * forward
-            + _per_frame(backward_weights, backward) * flip_time(backward))
 
 
 def cfg_pp_step(x0: jax.Array, x: jax.Array, x0_uncond: jax.Array, sigma: jax.Array,
@@ -61,65 +36,12 @@ def cfg_pp_step(x0: jax.Array, x: jax.Array, x0_uncond: jax.Array, sigma: jax.Ar
 
 
 # --------------------------------------------------------------------------------------------------
-# UNet evaluations.
-
-
-def unet_velocity(unet: ModelState[UNet], x: jax.Array, sigma: jax.Array, cond: Conditioning, *, guided: bool,
-                  attn: AttnControl | None = None, sigma_in: jax.Array | None = None, remat: bool = False):
-    """Returns the UNet's v for latents `x [B, F, h, w, C]` at σ: `[uncond; cond]` (2B rows) if guided, else B rows.
-
-    σ is a scalar or one per clip `[B]`. `sigma_in` (default σ) sets the input scale 1/√(σ_in² + 1). With
-    `attn` capturing, also returns the maps. `remat` rematerializes per UNet block when differentiated.
-    """
-    embeds, image_latents, time_ids = cfg_batch(cond, guided=guided)
-    per_clip = lambda s: jnp.broadcast_to(s, x.shape[:1])  # noqa: E731
-    scaled = x * schedule.c_in(per_clip(sigma if sigma_in is None else sigma_in)).reshape(-1, 1, 1, 1, 1)
-    c_noise = schedule.c_noise(per_clip(sigma))
-    if guided:
-        scaled, c_noise = jnp.concatenate([scaled, scaled]), jnp.concatenate([c_noise, c_noise])
-    frames = jnp.broadcast_to(image_latents[:, None], (*scaled.shape[:2], *image_latents.shape[1:]))
-    unet_input = jnp.concatenate([scaled, frames], axis=-1)
-    if _unet_call_hook is not None:
-        jax.debug.callback(_unet_call_hook, ordered=True)
-    return unet.merge()(unet_input, c_noise, embeds, time_ids, attn=attn, remat=remat)
-
-
-def guided_velocity(unet: ModelState[UNet], x: jax.Array, sigma: jax.Array, cond: Conditioning,
-                    guidance: jax.Array | None, attn: AttnControl | None = None,
-                    sigma_in: jax.Array | None = None):
-    """Returns the (classifier-free guided) v-prediction `[B, F, h, w, C]` for latents `x [B, F, h, w, C]` at σ.
-
-    `guidance [F]` per frame, or None for a single conditional pass. With `attn` capturing, also
-    returns the captured maps (of the `[uncond, cond]` batch).
-    """
-    out = unet_velocity(unet, x, sigma, cond, guided=guidance is not None, attn=attn, sigma_in=sigma_in)
-    v, maps = out if isinstance(out, tuple) else (out, None)
-    if guidance is not None:
-        uncond, cond_v = jnp.split(v, 2)
-        v = uncond + _per_frame(guidance, uncond) * (cond_v - uncond)
-    return v if maps is None else (v, maps)
-
-
-def denoise(unet: ModelState[UNet], x: jax.Array, sigma: jax.Array, cond: Conditioning,
-            guidance: jax.Array | None) -> jax.Array:
-    """Returns the x0 estimate `[B, F, h, w, C]` of latents `x` at noise level σ."""
-    return schedule.denoised(x, guided_velocity(unet, x, sigma, cond, guidance), sigma)
-
-
-def denoise_pair(unet: ModelState[UNet], x: jax.Array, sigma: jax.Array,
-                 cond: Conditioning) -> tuple[jax.Array, jax.Array]:
-    """Returns `(x0_uncond, x0_cond)`, each `[B, F, h, w, C]`, from one UNet call on the `[uncond; cond]` batch."""
-    uncond, cond_v = jnp.split(unet_velocity(unet, x, sigma, cond, guided=True), 2)
-    return schedule.denoised(x, uncond, sigma), schedule.denoised(x, cond_v, sigma)
-
-
-# --------------------------------------------------------------------------------------------------
 # Settings every sampler shares.
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
-    """Frames, steps and the noise range of a sampler; `progress` reports each move to the host.
+    """Frames, steps and the noise range of a sampler.
 
     Every field is checked when the config is made (ArgumentError names the field and the fix); a subclass checks
     its own fields in its `__post_init__` after calling this one's.
@@ -131,7 +53,6 @@ class SamplerConfig:
     num_steps: int = 25
     sigma_min: float = schedule.SIGMA_MIN
     sigma_max: float = schedule.SIGMA_MAX
-    progress: bool = False
 
     def __post_init__(self):
         checks.integer(self.num_frames, "num_frames", "the frame count", minimum=self.MIN_FRAMES,
@@ -140,7 +61,6 @@ class SamplerConfig:
         checks.number(self.sigma_min, "sigma_min", "the smallest noise level", above=0, example=schedule.SIGMA_MIN)
         checks.number(self.sigma_max, "sigma_max", "the largest noise level", above=self.sigma_min,
                       example=max(schedule.SIGMA_MAX, 2 * self.sigma_min))
-        checks.boolean(self.progress, "progress", "progress")
 
     def sigmas(self) -> np.ndarray:
         """The Karras schedule `[num_steps + 1]` (a final 0 appended)."""
@@ -274,16 +194,21 @@ def _finite_rows(x: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
 
 
-def run_program(move: Callable[[jax.Array, StepProgram, jax.Array | None], jax.Array], x: jax.Array,
-                program: StepProgram, keys: jax.Array, move_draws: jax.Array | None = None,
-                progress: bool = False, move_uses_noise: bool = False) -> Sampled:
+Progress = Callable[[int], None]
+MoveFn = Callable[[jax.Array, StepProgram, jax.Array | None], jax.Array]
+
+
+def run_program(move: MoveFn, x: jax.Array, program: StepProgram, keys: jax.Array,
+                move_draws: jax.Array | None = None, progress: Progress | None = None,
+                move_uses_noise: bool = False) -> Sampled:
     """Returns `x` after every move of `program` (host arrays), in one `lax.scan`, with the move after which each
     video first held NaN or Inf (a reduction per move, carried through the scan).
 
     Each move i adds `noise_before·n_i`, applies `move(x, row, n_i)`, then adds `noise_after·n_i`, where
     `n_i` is standard normal from `keys [B]` (or `move_draws[i]` when given). A program never uses both
     noise fields and a move's own use of `n_i` (`move_uses_noise`) in one row, so one draw per move
-    suffices. Programs without noise draw nothing (`n_i` is None).
+    suffices. Programs without noise draw nothing (`n_i` is None). `progress(i)` is called on the host after move
+    i (a `jax.debug.callback`; none is compiled in without it).
     """
     noisy = move_uses_noise or bool(np.any(program.noise_before)) or bool(np.any(program.noise_after))
 
@@ -297,8 +222,8 @@ def run_program(move: Callable[[jax.Array, StepProgram, jax.Array | None], jax.A
         x = move(x, row, fresh)
         if noisy:
             x = x + row.noise_after * fresh
-        if progress:
-            report_step(index)
+        if progress is not None:
+            jax.debug.callback(lambda i: progress(int(i)), index, ordered=True)
         diverged_at = jnp.where((diverged_at < 0) & ~_finite_rows(x), index + 1, diverged_at)
         return (x, diverged_at), None
 
@@ -308,39 +233,15 @@ def run_program(move: Callable[[jax.Array, StepProgram, jax.Array | None], jax.A
     return Sampled(x, diverged_at)
 
 
-# --------------------------------------------------------------------------------------------------
-# Host-side reporting (progress bars, UNet call counts).
+def sample_program(move: MoveFn, keys: jax.Array, cond: Conditioning, cfg: SamplerConfig, draws: Draws | None,
+                   progress: Progress | None, *, move_uses_noise: bool = False) -> Sampled:
+    """Returns the sampler's result (`Sampled`): `cfg.program()` run by `run_program` with `move`, from the initial
+    latents of `keys` (or `draws.initial`), every random draw from `keys` unless `draws` injects them."""
+    return run_program(move, start_latents(keys, cond, cfg, draws), cfg.program(), keys,
+                       None if draws is None else draws.moves, progress, move_uses_noise)
 
 
-def report_step(step: jax.Array) -> None:
-    """Tells the active `sampling_progress` display that `step` finished (a no-op without one)."""
-    jax.debug.callback(lambda i: _progress_hook and _progress_hook(int(i)), step, ordered=True)
-
-
-@contextlib.contextmanager
-def sampling_progress(callback: Callable[[int], None]):
-    """Calls `callback(step)` after every sampling step of samplers traced with `progress=True` in this block."""
-    global _progress_hook
-    previous, _progress_hook = _progress_hook, callback
-    try:
-        yield
-    finally:
-        _progress_hook = previous
-
-
-@contextlib.contextmanager
-def count_unet_calls():
-    """Yields a list that holds one entry per UNet evaluation executed in this block (tests, debugging).
-
-    Clears JAX's compilation caches on entry and exit, so that samplers are traced with the counter
-    inside and production programs never keep it.
-    """
-    global _unet_call_hook
-    calls: list[None] = []
-    jax.clear_caches()
-    _unet_call_hook = lambda: calls.append(None)
-    try:
-        yield calls
-    finally:
-        _unet_call_hook = None
-        jax.clear_caches()
+def refuse_delta(delta: object, method: str) -> None:
+    """Raises ConfigError if a backward delta is passed to `method`, which has no backward model to add it to."""
+    if delta is not None:
+        raise ConfigError(f"{method} has no backward model to add a delta to; pass delta=None (only GI uses one).")

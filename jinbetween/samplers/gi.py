@@ -19,12 +19,12 @@ import numpy as np
 
 from jinbetween import checks, schedule
 from jinbetween.conditioning import Conditioning
-from jinbetween.delta import Delta, with_delta
-from jinbetween.models.attention import AttnControl, rot180
+from jinbetween.denoiser import denoised, fuse, paired_velocity
+from jinbetween.models.delta import Delta, with_delta
 from jinbetween.models.state import ModelState
 from jinbetween.models.unet import UNet
-from jinbetween.samplers.core import (Draws, GuidedSamplerConfig, Move, Sampled, StepProgram, flip_time, fuse,
-                                      guided_velocity, per_frame_guidance, renoise_std, run_program, start_latents)
+from jinbetween.samplers.core import (Draws, GuidedSamplerConfig, Move, Progress, Sampled, StepProgram,
+                                      per_frame_guidance, renoise_std, sample_program)
 
 DENOISE = 0
 UNET_CALLS = {DENOISE: 2}
@@ -87,25 +87,31 @@ class GIConfig(GuidedSamplerConfig):
         return forward, (1 - forward).astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def sample_gi(unet: ModelState[UNet], start: Conditioning, end: Conditioning, keys: jax.Array, cfg: GIConfig,
-              delta: Delta | None = None, draws: Draws | None = None) -> Sampled:
+def fused_euler_step(unet: ModelState[UNet], backward_unet: ModelState[UNet], x: jax.Array, move: StepProgram,
+                     start: Conditioning, end: Conditioning, guidance: jax.Array | None,
+                     weights: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Returns x at σ_next after GI's step from σ: the forward and the backward (maps-rotated) v fused per frame, then
+    one Euler step of the fused x0 estimate."""
+    v_forward, v_backward = paired_velocity(unet, backward_unet, x, move.sigma, start, end, guidance)
+    v = fuse(v_forward, v_backward, *weights)
+    return schedule.euler_step(x, denoised(x, v, move.sigma), move.sigma, move.sigma_next)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "progress"))
+def sample_gi(unet: ModelState[UNet], start: Conditioning, end: Conditioning, keys: jax.Array, cfg: GIConfig, *,
+              delta: Delta | None = None, draws: Draws | None = None, progress: Progress | None = None) -> Sampled:
     """Returns the latents `[B, F, h, w, C]` of videos from each start keyframe to its end keyframe (`Sampled`).
 
-    start, end: B keyframe Conditionings. keys: `[B]`, one per video. delta: the backward model's
-    W_v/W_o delta (`jinbetween.delta`); None uses the base weights for the backward path (the paper's
-    "w/o fine-tuning" ablation). draws: inject every random draw (`core.draws_from_keys` layout).
+    start, end: B keyframe Conditionings. keys: `[B]`, one per video. delta: the backward model's W_v/W_o delta
+    (`jinbetween.models.delta`); None uses the base weights for the backward path (the paper's "w/o
+    fine-tuning" ablation). draws: inject every random draw (`core.draws_from_keys` layout). progress: called
+    with each move's index on the host.
     """
     backward_unet = with_delta(unet, delta)
     guidance = jnp.asarray(cfg.guidance()) if cfg.guided else None
-    forward_weights, backward_weights = (jnp.asarray(w) for w in cfg.fusion_weights())
+    weights = tuple(jnp.asarray(w) for w in cfg.fusion_weights())
 
-    def fused_euler(x, move, fresh):
-        v_forward, maps = guided_velocity(unet, x, move.sigma, start, guidance, attn=AttnControl.capture())
-        v_backward = guided_velocity(backward_unet, flip_time(x), move.sigma, end, guidance,
-                                     attn=AttnControl.inject(rot180(maps)))
-        v = fuse(v_forward, v_backward, forward_weights, backward_weights)
-        return schedule.euler_step(x, schedule.denoised(x, v, move.sigma), move.sigma, move.sigma_next)
+    def move(x, row, fresh):
+        return fused_euler_step(unet, backward_unet, x, row, start, end, guidance, weights)
 
-    return run_program(fused_euler, start_latents(keys, start, cfg, draws), cfg.program(), keys,
-                       None if draws is None else draws.moves, progress=cfg.progress)
+    return sample_program(move, keys, start, cfg, draws, progress)

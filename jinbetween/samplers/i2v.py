@@ -10,10 +10,11 @@ import jax.numpy as jnp
 
 from jinbetween import schedule
 from jinbetween.conditioning import Conditioning
+from jinbetween.denoiser import denoise
 from jinbetween.models.state import ModelState
 from jinbetween.models.unet import UNet
-from jinbetween.samplers.core import (GuidedSamplerConfig, Move, Sampled, StepProgram, denoise, initial_draw,
-                                      per_frame_guidance, run_program)
+from jinbetween.samplers.core import (Draws, GuidedSamplerConfig, Move, Progress, Sampled, StepProgram,
+                                      per_frame_guidance, sample_program)
 
 DENOISE = 0
 
@@ -27,21 +28,25 @@ class I2VConfig(GuidedSamplerConfig):
         return StepProgram.build([Move(DENOISE, i) for i in range(self.num_steps)], self.sigmas())
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
+def euler_step(unet: ModelState[UNet], x: jax.Array, cond: Conditioning, move: StepProgram,
+               guidance: jax.Array | None) -> jax.Array:
+    """Returns x at σ_next after one guided Euler step of `x [B, F, h, w, C]` conditioned on `cond`."""
+    return schedule.euler_step(x, denoise(unet, x, move.sigma, cond, guidance), move.sigma, move.sigma_next)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "progress"))
 def sample_i2v(unet: ModelState[UNet], cond: Conditioning, keys: jax.Array, cfg: I2VConfig,
-               noise: jax.Array | None = None) -> Sampled:
+               noise: jax.Array | None = None, *, progress: Progress | None = None) -> Sampled:
     """Returns the latents `[B, F, h, w, C]` (scaled VAE space) of videos that start at each keyframe (`Sampled`).
 
     cond: a batch of B keyframe Conditionings. keys: `[B]` PRNG keys, one per video (the initial noise).
     noise: optional `[B, F, h, w, C]` standard-normal initial draw replacing the keys' (for parity harnesses).
+    progress: called with each move's index on the host.
     """
-    if noise is None:
-        noise = initial_draw(keys, (cfg.num_frames, *cond.image_latent.shape[1:]))
-    guidance = (jnp.asarray(per_frame_guidance(cfg.min_guidance_scale, cfg.max_guidance_scale, noise.shape[1]))
+    guidance = (jnp.asarray(per_frame_guidance(cfg.min_guidance_scale, cfg.max_guidance_scale, cfg.num_frames))
                 if cfg.guided else None)
 
-    def euler(x, move, fresh):
-        return schedule.euler_step(x, denoise(unet, x, move.sigma, cond, guidance), move.sigma, move.sigma_next)
+    def move(x, row, fresh):
+        return euler_step(unet, x, cond, row, guidance)
 
-    x = noise * jnp.float32(schedule.init_noise_sigma(cfg.sigma_max))
-    return run_program(euler, x, cfg.program(), keys, progress=cfg.progress)
+    return sample_program(move, keys, cond, cfg, None if noise is None else Draws(noise, None), progress)

@@ -19,10 +19,11 @@ import numpy as np
 
 from jinbetween import checks, schedule
 from jinbetween.conditioning import Conditioning
+from jinbetween.denoiser import denoised, flip_time, fuse, guided_velocity
 from jinbetween.models.state import ModelState
 from jinbetween.models.unet import UNet
-from jinbetween.samplers.core import (Draws, GuidedSamplerConfig, Move, Sampled, StepProgram, flip_time, fuse,
-                                      guided_velocity, per_frame_guidance, run_program, start_latents)
+from jinbetween.samplers.core import (Draws, GuidedSamplerConfig, Move, Progress, Sampled, StepProgram,
+                                      per_frame_guidance, refuse_delta, sample_program)
 
 DENOISE = 0
 UNET_CALLS = {DENOISE: 2}
@@ -108,26 +109,35 @@ class TRFConfig(GuidedSamplerConfig):
         return np.linspace(1, 0, self.num_frames, dtype=np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def sample_trf(unet: ModelState[UNet], start: Conditioning, end: Conditioning, keys: jax.Array, cfg: TRFConfig,
-               draws: Draws | None = None) -> Sampled:
+def guided_euler_step(unet: ModelState[UNet], x: jax.Array, cond: Conditioning, move: StepProgram,
+                      guidance: jax.Array | None) -> jax.Array:
+    """Returns x at σ_next after one guided Euler step of `x [B, F, h, w, C]` conditioned on `cond`."""
+    v, _ = guided_velocity(unet, x, move.sigma, cond, guidance, sigma_in=move.sigma_in)
+    return schedule.euler_step(x, denoised(x, v, move.sigma), move.sigma, move.sigma_next)
+
+
+def fused_move(unet: ModelState[UNet], x: jax.Array, move: StepProgram, start: Conditioning, end: Conditioning,
+               guidance: jax.Array | None, weights: jax.Array) -> jax.Array:
+    """Returns TRF's fused move of `x`: a forward Euler step from the start keyframe and one of the time-flipped
+    latent from the end keyframe, blended per frame with `weights [F]` (each path in its own frame order)."""
+    forward = guided_euler_step(unet, x, start, move, guidance)
+    backward = guided_euler_step(unet, flip_time(x), end, move, guidance)
+    return fuse(forward, backward, weights, jnp.flip(weights))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "progress"))
+def sample_trf(unet: ModelState[UNet], start: Conditioning, end: Conditioning, keys: jax.Array, cfg: TRFConfig, *,
+               delta: None = None, draws: Draws | None = None, progress: Progress | None = None) -> Sampled:
     """Returns the latents `[B, F, h, w, C]` of videos from each start keyframe to its end keyframe (`Sampled`).
 
-    start, end: B keyframe Conditionings. keys: `[B]`, one per video. draws: inject every random draw.
+    start, end: B keyframe Conditionings. keys: `[B]`, one per video. delta: TRF has no backward model (None).
+    draws: inject every random draw. progress: called with each move's index on the host.
     """
+    refuse_delta(delta, "TRF")
     guidance = jnp.asarray(cfg.guidance()) if cfg.guided else None
     weights = jnp.asarray(cfg.blend_weights())
 
-    def euler(x, cond, move):
-        v = guided_velocity(unet, x, move.sigma, cond, guidance, sigma_in=move.sigma_in)
-        x0 = schedule.denoised(x, v, move.sigma)
-        return schedule.euler_step(x, x0, move.sigma, move.sigma_next)
+    def move(x, row, fresh):
+        return fused_move(unet, x, row, start, end, guidance, weights)
 
-    def fused_move(x, move, fresh):
-        forward = euler(x, start, move)
-        backward = euler(flip_time(x), end, move)
-        return fuse(forward, backward, weights, jnp.flip(weights))
-
-    return run_program(fused_move, start_latents(keys, start, cfg, draws), cfg.program(), keys,
-                       None if draws is None else draws.moves, progress=cfg.progress)
-
+    return sample_program(move, keys, start, cfg, draws, progress)

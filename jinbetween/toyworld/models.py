@@ -2,8 +2,8 @@
 
 128×128 videos of 14 frames: the VAE downsamples ×8 (like SVD's) to 16×16 latents of 8 channels (SVD has 4: twice
 the channels keeps the small sprites, 1–2 latent pixels wide, apart), and the UNet ×4 again. The image encoder
-sees 64×64 keyframes. About 21.7 M parameters in all, ~43 MB in bf16; one guided UNet call (B=2) takes ~0.5 s on two
-CPU cores, which is what makes the CPU demo possible.
+sees 64×64 keyframes. About 21.7 M parameters in all, ~43 MB in bf16: small enough for the CPU demo (timings in
+bench/NOTES.md).
 """
 
 from __future__ import annotations

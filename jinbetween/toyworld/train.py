@@ -48,11 +48,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jinbetween import conditioning, schedule
+from jinbetween import conditioning, denoiser
+from jinbetween.conditioning import Conditioning
 from jinbetween.config import VAEConfig
 from jinbetween.models import VAE, ImageEncoder, UNet
 from jinbetween.models.state import ModelState
 from jinbetween.toyworld import models, world
+from jinbetween.weights import load_image_encoder, load_unet, load_vae
 
 log = logging.getLogger(__name__)
 
@@ -339,11 +341,9 @@ def clip_input(frames: jax.Array, size: int) -> jax.Array:
     """Returns the image encoder input `[B, S, S, 3]` of uint8 frames `[B, H, W, 3]`: `conditioning.clip_pixels`
     (anti-aliased bicubic resize, CLIP normalization) as device matmuls."""
     x = _pixels(frames)
-    rows = jnp.asarray(conditioning._resize_matrix(frames.shape[1], size), jnp.float32)
-    cols = jnp.asarray(conditioning._resize_matrix(frames.shape[2], size), jnp.float32)
+    rows, cols = (jnp.asarray(m, jnp.float32) for m in conditioning.clip_resize_matrices(*frames.shape[1:3], size))
     resized = jnp.einsum("ih,nhwc,jw->nijc", rows, x, cols, precision="highest")
-    mean, std = jnp.asarray(conditioning.CLIP_MEAN), jnp.asarray(conditioning.CLIP_STD)
-    return ((resized + 1) / 2 - mean) / std
+    return conditioning.clip_normalize(resized)
 
 
 class Trainables(nnx.Module):
@@ -395,12 +395,11 @@ def unet_loss(params: nnx.State, graphdef: nnx.GraphDef, batch: UNetBatch, key: 
     z = batch.latents.astype(jnp.float32)
     s = sigma[:, None, None, None, None]
     z_t = z + s * jax.random.normal(eps_key, z.shape)
-    frames = jnp.broadcast_to(image_latent[:, None], z.shape[:2] + image_latent.shape[1:])
-    v = model.unet(jnp.concatenate([schedule.c_in(s) * z_t, frames], axis=-1), schedule.c_noise(sigma), embeds,
-                   time_ids).astype(jnp.float32)
-    per_clip = jnp.mean((schedule.denoised(z_t, v, s) - z) ** 2, (1, 2, 3, 4))
+    cond = Conditioning(image_embeds=embeds, image_latent=image_latent, clean_latent=None, added_time_ids=time_ids)
+    v, _ = denoiser.velocity(ModelState.of(model.unet), z_t, sigma, cond)
+    loss, per_clip = denoiser.edm_loss(denoiser.denoised(z_t, v, s), z, sigma)
     low = sigma < 1
-    return jnp.mean((1 + sigma**2) / sigma**2 * per_clip), {
+    return loss, {
         "x0_mse": jnp.mean(per_clip), "x0_mse_low_sigma": jnp.sum(per_clip * low) / jnp.maximum(jnp.sum(low), 1)}
 
 
@@ -545,11 +544,10 @@ def held_out_x0_error(trainables: Trainables, pool: ClipPool, sigmas: Sequence[f
         time_ids = jnp.stack([jnp.full((b,), FPS - 1), jnp.full((b,), MOTION_BUCKET_ID), batch.aug], axis=-1)
         z = batch.latents.astype(jnp.float32)
         z_t = z + sigma * noise
-        image_latent = batch.image_latent.astype(jnp.float32)
-        frames = jnp.broadcast_to(image_latent[:, None], z.shape[:2] + image_latent.shape[1:])
-        v = model.unet(jnp.concatenate([schedule.c_in(sigma) * z_t, frames], axis=-1),
-                       jnp.full((b,), schedule.c_noise(sigma)), embeds, time_ids).astype(jnp.float32)
-        return jnp.sum(jnp.mean((schedule.denoised(z_t, v, sigma) - z) ** 2, (1, 2, 3, 4)))
+        cond = Conditioning(image_embeds=embeds, image_latent=batch.image_latent.astype(jnp.float32),
+                            clean_latent=None, added_time_ids=time_ids)
+        v, _ = denoiser.velocity(ModelState.of(model.unet), z_t, sigma, cond)
+        return jnp.sum(denoiser.x0_error(denoiser.denoised(z_t, v, sigma), z))
 
     errors = {}
     for i, sigma in enumerate(sigmas):
@@ -699,8 +697,6 @@ def make_backward_step(batch_size: int, time_ids: jax.Array, train_cfg) -> Calla
     metrics)`: `batch_size` pool clips reversed in time, conditioned on their last frame with the forward model's
     maps from their first (`finetune.train_step`)."""
     from jinbetween import finetune
-    from jinbetween.conditioning import Conditioning
-    from jinbetween.samplers.core import flip_time
 
     @functools.partial(jax.jit, donate_argnums=1)
     def step(unet, train_state, pool, pairs, key):
@@ -708,7 +704,7 @@ def make_backward_step(batch_size: int, time_ids: jax.Array, train_cfg) -> Calla
         index = jax.random.randint(index_key, (batch_size,), 0, len(pool))
         ids = jnp.broadcast_to(time_ids, (batch_size, time_ids.shape[-1]))
         batch = finetune.ClipBatch(
-            latents=flip_time(pool.latents[index]).astype(jnp.float32),
+            latents=denoiser.flip_time(pool.latents[index]).astype(jnp.float32),
             cond=Conditioning(image_embeds=pairs.last_embeds[index], image_latent=pairs.last_latent[index],
                               clean_latent=None, added_time_ids=ids),
             reference=Conditioning(image_embeds=pairs.first_embeds[index], image_latent=pairs.first_latent[index],
@@ -825,8 +821,8 @@ def _load_trainables(folder: Path | None, seed: int) -> Trainables:
         rngs = nnx.Rngs(seed)
         return Trainables(UNet(models.unet_config(), rngs=rngs), ImageEncoder(models.image_encoder_config(),
                                                                                  rngs=rngs))
-    return Trainables(UNet.from_pretrained(folder, dtype=jnp.float32),
-                      ImageEncoder.from_pretrained(folder, dtype=jnp.float32))
+    return Trainables(load_unet(folder, dtype=jnp.float32),
+                      load_image_encoder(folder, dtype=jnp.float32))
 
 
 def environment() -> dict:
@@ -845,7 +841,7 @@ def create_run(run: Run, args: argparse.Namespace) -> tuple[UNetTrainConfig, Tra
     base = UNetTrainConfig(batch_size=args.batch_sizes[0], learning_rate=args.base_learning_rate,
                            warmup=args.warmup, cond_draws=args.cond_draws)
     seeds = world.split_seeds("train", args.videos)
-    vae = VAE.from_pretrained(args.vae or args.init, dtype=jnp.float32)
+    vae = load_vae(args.vae or args.init, dtype=jnp.float32)
     init = _load_trainables(args.init, args.seed)
     graphdef, state = init_train_state(init, base)
     compiling = compile_in_background(graphdef, state, pool_shapes(vae, args.videos, base), base, args.batch_sizes)
@@ -915,10 +911,10 @@ def train_run(args: argparse.Namespace) -> None:
 
 def release_run(args: argparse.Namespace) -> None:
     """`release`: GI's delta on the EMA models, then the pipeline in bf16 with its release manifest and samples."""
-    from jinbetween.delta import BACKWARD_DELTA, save_delta
     from jinbetween.pipeline import Pipeline
     from jinbetween.toyworld.bench import contact_sheet
-    from jinbetween.toyworld.release import write_release
+    from jinbetween.weights.delta import BACKWARD_DELTA, save_delta
+    from jinbetween.weights.release import write_release
 
     deadline = time.monotonic() + args.deadline_minutes * 60 if args.deadline_minutes else None
     run = Run(args.run)
@@ -955,7 +951,7 @@ def release_run(args: argparse.Namespace) -> None:
         "gi_backward": {"steps": gi_steps, "batch_size": args.gi_batch_size, "learning_rate": args.gi_learning_rate,
                         "loss_first_logged": gi_losses[0] if gi_losses else None,
                         "loss_last_logged": gi_losses[-1] if gi_losses else None},
-        "log": "train_log.jsonl of the run (gzipped beside the release record in bench/results/toyworld/)"})
+        "log": "train_log.jsonl of the run (gzipped in docs/toyworld_logs/)"})
     held_out = np.stack([world.video(s) for s in world.split_seeds("validation", 4)])
     released = Pipeline.from_pretrained(out)
     samples = released.image_to_video(list(held_out[:, 0]), key=jax.random.key(0))
@@ -970,15 +966,15 @@ EVALUATION_SIGMAS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 15.0, 50.0)
 
 def evaluate_run(args: argparse.Namespace) -> None:
     """`evaluate`: held-out x0 errors of pipelines on the same validation clips and noise (`held_out_x0_error`)."""
-    vae = VAE.from_pretrained(args.weights[0], dtype=jnp.float32)
+    vae = load_vae(args.weights[0], dtype=jnp.float32)
     seeds = world.split_seeds("validation", args.videos)
     # One conditioning draw per clip at the samplers' default strength, 0.02.
     pool = encode_videos(ModelState.of(vae), jnp.asarray(np.stack([world.video(s) for s in seeds])),
                          jax.random.key(0), draws=1, aug_log_mean=math.log(0.02), aug_log_std=0.0)
     record = {"validation_seeds": [seeds[0], seeds[-1]], "sigmas": list(EVALUATION_SIGMAS), "errors": {}}
     for folder in args.weights:
-        trainables = Trainables(UNet.from_pretrained(folder, dtype=jnp.float32),
-                                ImageEncoder.from_pretrained(folder, dtype=jnp.float32))
+        trainables = Trainables(load_unet(folder, dtype=jnp.float32),
+                                load_image_encoder(folder, dtype=jnp.float32))
         record["errors"][str(folder)] = held_out_x0_error(trainables, pool, EVALUATION_SIGMAS, jax.random.key(1))
         log.info("%s: %s", folder, json.dumps(record["errors"][str(folder)]))
     if args.out:
@@ -987,8 +983,8 @@ def evaluate_run(args: argparse.Namespace) -> None:
 
 def vae_run(args: argparse.Namespace) -> None:
     """`vae`: stage 1 into `--out/vae`, with reconstructions of held-out videos."""
-    from jinbetween.conversion import VAE_COMPONENT, save_model_folder
     from jinbetween.toyworld.bench import contact_sheet
+    from jinbetween.weights.loading import VAE_COMPONENT, save_model_folder
 
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / LOG, "a") as log_file:
@@ -998,7 +994,7 @@ def vae_run(args: argparse.Namespace) -> None:
             log_file.flush()
 
         pool = jnp.asarray(render_pool(world.split_seeds("train", args.videos)))
-        init = VAE.from_pretrained(args.vae_resume, dtype=jnp.float32) if args.vae_resume else None
+        init = load_vae(args.vae_resume, dtype=jnp.float32) if args.vae_resume else None
         vae = train_vae(pool, VAETrainConfig(steps=args.vae_steps, batch_clips=args.vae_batch), args.seed, on_log,
                         time_limit=args.minutes * 60 if args.minutes else None, init=init)
         save_model_folder(vae, args.out / "vae", VAE_COMPONENT)
@@ -1013,8 +1009,9 @@ def vae_run(args: argparse.Namespace) -> None:
             args.out / "vae_reconstructions.png")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jinbetween.toyworld.train", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "jinbetween toytrain") -> None:
+    """Runs one training command (`jinbetween toytrain COMMAND ...`, or `python -m jinbetween.toyworld.train`)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     unet = commands.add_parser("unet", help="stage 2: create or continue a run (UNet + image encoder)")
@@ -1072,4 +1069,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(prog="python -m jinbetween.toyworld.train")

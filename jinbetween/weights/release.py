@@ -15,7 +15,7 @@ from jinbetween import atomic, integrity
 from jinbetween.errors import IntegrityError, WeightsNotFoundError
 from jinbetween.integrity import sha256_of
 
-WEIGHTS = Path(__file__).parent / "weights"
+WEIGHTS = Path(__file__).parents[1] / "toyworld" / "weights"
 RELEASE = "release.json"
 NOTE = ("A small SVD-architecture model trained by jinbetween on its procedural toy world (128x128, 14 frames): it "
         "models that world only. For real videos, convert SVD / SVD-XT weights (weights/README.md).")
