@@ -358,27 +358,48 @@ def run_i2v(args: argparse.Namespace) -> None:
         decode_chunk_size=args.decode_chunk_size, progress=True)
     print(f"wrote {video.write_video(frames, args.out, fps=args.fps)} ({len(frames)} frames, {height}×{width})")
     if args.sheet:
-        print(f"wrote {video.contact_sheet([frames], args.sheet)}")
+        print(f"wrote {video.frame_grid(frames, args.sheet)}")
 
 
 def add_interpolate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("start", help="the first keyframe (PNG, JPEG, ...)")
-    parser.add_argument("end", help="the last keyframe")
+    from jinbetween.sequence import SEAMS
+
+    parser.add_argument("keyframes", nargs="+", metavar="KEYFRAME",
+                        help="two keyframes (PNG, JPEG, ...), or more: one video through all of them, one segment of "
+                             "--num-frames per gap, generated as one batch")
     add_video_arguments(parser)
-    parser.add_argument("--sheet", help="PNG contact sheet of the frames (default: beside --out, *_sheet.png)")
+    parser.add_argument("--sheet", help="PNG contact sheet of the frames, a grid with each frame's index (default: "
+                                        "beside --out, *_sheet.png)")
     add_method_arguments(parser)
+    timing = parser.add_argument_group("timing of a sequence", "--num-frames sets the frames of every segment "
+                                       "(keyframes included); --durations retimes each gap instead")
+    timing.add_argument("--durations", nargs="+", type=float, metavar="SECONDS",
+                        help="one duration per keyframe gap, shown as round(SECONDS × fps) frames kept evenly from "
+                             "the gap's segment: at most --num-frames − 1 per gap (the model makes no more)")
+    timing.add_argument("--seam", choices=SEAMS, default="shared",
+                        help="how consecutive segments are joined (default shared: each segment as sampled, sharing "
+                             "its boundary keyframe; smoothed: the boundary latents averaged and smoothed, see "
+                             "README, 'Videos through many keyframes')")
 
 
 def check_interpolate_arguments(args: argparse.Namespace) -> None:
-    from jinbetween import video
+    from jinbetween import sequence, video
+    from jinbetween.pipeline import weights_info
+    from jinbetween.samplers import METHODS
 
     checks.output_file(args.out, "--out", VIDEO_SUFFIXES, "the video")
     if args.sheet:
         checks.output_file(args.sheet, "--sheet", IMAGE_SUFFIXES, "the contact sheet")
         _distinct(args.out, args.sheet)
     check_method_arguments(args)
-    video.read_keyframe(args.end)
-    check_video_arguments(args, args.start, min_frames=3)
+    sequence.check_keyframe_count(len(args.keyframes), "KEYFRAME")
+    for keyframe in args.keyframes[1:]:
+        video.read_keyframe(keyframe)
+    check_video_arguments(args, args.keyframes[0], min_frames=3)
+    if args.durations is not None:
+        info = weights_info(args.weights)
+        sequence.gap_frames(args.durations, args.fps or METHODS[args.method].fps, args.num_frames or info.num_frames,
+                            len(args.keyframes) - 1, "--durations")
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
@@ -428,40 +449,51 @@ def run_interpolate(args: argparse.Namespace) -> None:
     from jinbetween.samplers import METHODS
 
     options = parse_options(args.options)
-    start, end = video.read_keyframe(args.start), video.read_keyframe(args.end)
-    pipe, height, width = load_and_size(args, start)
+    keyframes = [video.read_keyframe(path) for path in args.keyframes]
+    pipe, height, width = load_and_size(args, keyframes[0])
     if args.backward_delta:
         pipe.load_backward_delta(args.backward_delta, verify=args.verify)
     fps = args.fps or METHODS[args.method].fps
-    frames = pipe.interpolate(
-        video.fit_image(start, height, width, args.resize), video.fit_image(end, height, width, args.resize),
-        method=args.method, key=jax.random.key(args.seed), num_frames=args.num_frames,
+    frames = pipe.interpolate_sequence(
+        [video.fit_image(keyframe, height, width, args.resize) for keyframe in keyframes], method=args.method,
+        key=jax.random.key(args.seed), num_frames=args.num_frames, durations=args.durations, seam=args.seam,
         num_inference_steps=args.steps, fps=fps, motion_bucket_id=args.motion_bucket_id,
         noise_aug_strength=args.noise_aug_strength, decode_chunk_size=args.decode_chunk_size, progress=True,
         allow_untrained_backward=args.allow_untrained_backward, **options)
     out = video.write_video(frames, args.out, fps=fps)
-    sheet = video.contact_sheet([frames], args.sheet or Path(out).with_name(Path(out).stem + "_sheet.png"))
-    print(f"wrote {out} ({args.method}, {len(frames)} frames, {height}×{width}) and {sheet}")
+    sheet = video.frame_grid(frames, args.sheet or Path(out).with_name(Path(out).stem + "_sheet.png"))
+    print(f"wrote {out} ({args.method}, {len(keyframes)} keyframes, {len(frames)} frames, {height}×{width}) and "
+          f"{sheet}")
 
 
-PAIR_FIELDS = ("start", "end", "out", "seed")
+PAIR_FIELDS = ("start", "end", "keyframes", "out", "seed")
 
 
 @dataclasses.dataclass(frozen=True)
 class PairLine:
-    """One pair of a `batch` file: its line number, keyframe paths, output path (relative to --out-dir), seed."""
+    """One video of a `batch` file: its line number, keyframe paths (two: a pair; more: a sequence), output path
+    (relative to --out-dir), seed."""
 
     line: int
-    start: Path
-    end: Path
+    keyframes: tuple[Path, ...]
     out: Path
     seed: int | None = None
 
+    @property
+    def start(self) -> Path:
+        return self.keyframes[0]
+
+    @property
+    def end(self) -> Path:
+        return self.keyframes[-1]
+
 
 def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("pairs", help='JSON Lines file, one pair per line: {"start": "a.png", "end": "b.png", '
-                                      '"out": "ab.mp4", "seed": 3}; paths relative to the file\'s folder, "out" '
-                                      '(relative to --out-dir, .mp4 or .gif) and "seed" optional')
+    parser.add_argument("pairs", help='JSON Lines file, one video per line: {"start": "a.png", "end": "b.png", '
+                                      '"out": "ab.mp4", "seed": 3}, or {"keyframes": ["a.png", "b.png", "c.png"]} '
+                                      'for one video through several keyframes (as `interpolate` with them); paths '
+                                      'relative to the file\'s folder, "out" (relative to --out-dir, .mp4 or .gif) '
+                                      'and "seed" optional')
     parser.add_argument("--out-dir", required=True, help="folder for the videos and summary.json")
     parser.add_argument("--format", choices=["mp4", "gif"], default="mp4",
                         help="video format of lines without an \"out\" (default mp4)")
@@ -523,15 +555,16 @@ def read_pairs(path: str | Path, video_format: str = "mp4") -> list[PairLine]:
         if line_problems:
             problems.extend(f"line {number}: {problem}" for problem in line_problems)
             continue
-        start, end = path.parent / entry["start"], path.parent / entry["end"]
-        out = entry.get("out") or f"{len(pairs):04d}_{start.stem}_{end.stem}.{video_format}"
+        keyframes = tuple(path.parent / name for name in _line_keyframes(entry))
+        out = entry.get("out") or f"{len(pairs):04d}_{keyframes[0].stem}_{keyframes[-1].stem}.{video_format}"
         if out in outs:
             problems.append(f'line {number}: its video would be {out!r}, as line {outs[out]}\'s; give it an "out"')
             continue
         outs[out] = number
-        pairs.append(PairLine(number, start, end, Path(out), entry.get("seed")))
+        pairs.append(PairLine(number, keyframes, Path(out), entry.get("seed")))
     example = ('write each line as a JSON object like {"start": "a.png", "end": "b.png", "out": "ab.mp4", "seed": 3} '
-               '("out" and "seed" optional), keyframe paths relative to the file\'s folder.')
+               'or {"keyframes": ["a.png", "b.png", "c.png"]} ("out" and "seed" optional), keyframe paths relative '
+               'to the file\'s folder.')
     if len(problems) == 1:
         raise ConfigError(f"{path} {problems[0]}; {example}")
     if problems:
@@ -550,8 +583,17 @@ def _pair_problems(entry: dict, folder: Path, outs: dict[str, int]) -> list[str]
     unknown = sorted(set(entry) - set(PAIR_FIELDS))
     if unknown:
         problems.append(f"unknown field(s) {unknown} (the fields are {', '.join(PAIR_FIELDS)})")
-    for field in ("start", "end"):
-        name = entry.get(field)
+    if "keyframes" in entry:
+        names = entry["keyframes"]
+        if "start" in entry or "end" in entry:
+            problems.append('both "keyframes" and "start"/"end"; give one or the other')
+        if not isinstance(names, list) or len(names) < 2:
+            problems.append('"keyframes" is not a list of two or more keyframe paths')
+            names = []
+        fields = [(f"keyframe {i}", name) for i, name in enumerate(names)]
+    else:
+        fields = [(field, entry.get(field)) for field in ("start", "end")]
+    for field, name in fields:
         if not isinstance(name, str) or not name:
             problems.append(f'no "{field}" keyframe path')
         elif not (folder / name).is_file():
@@ -576,6 +618,11 @@ def _pair_problems(entry: dict, folder: Path, outs: dict[str, int]) -> list[str]
     return problems
 
 
+def _line_keyframes(entry: dict) -> list[str]:
+    """Returns the keyframe paths of a checked `batch` line: its "keyframes", or its "start" and "end"."""
+    return entry["keyframes"] if "keyframes" in entry else [entry["start"], entry["end"]]
+
+
 def join_processes(args: argparse.Namespace) -> tuple[int, int]:
     """Returns (process index, process count): (0, 1) unless the multi-host flags ask to join a run."""
     from jinbetween import distributed
@@ -587,6 +634,7 @@ def join_processes(args: argparse.Namespace) -> tuple[int, int]:
 
 
 def run_batch(args: argparse.Namespace) -> None:
+    import itertools
     import time
 
     import jax
@@ -614,23 +662,38 @@ def run_batch(args: argparse.Namespace) -> None:
         pipe.load_backward_delta(args.backward_delta, verify=args.verify)
     fps = args.fps or METHODS[args.method].fps
 
-    def keyframes():
-        for pair in mine:
-            start, end = (video.fit_image(video.read_keyframe(p), height, width, args.resize)
-                          for p in (pair.start, pair.end))
-            yield (start, end) if pair.seed is None else (start, end, jax.random.key(pair.seed))
+    settings = dict(method=args.method, num_frames=args.num_frames, num_inference_steps=args.steps, fps=fps,
+                    motion_bucket_id=args.motion_bucket_id, noise_aug_strength=args.noise_aug_strength,
+                    decode_chunk_size=args.decode_chunk_size, progress=True,
+                    allow_untrained_backward=args.allow_untrained_backward, **options)
 
-    videos = pipe.interpolate_batch(
-        keyframes(), method=args.method, key=jax.random.key(args.seed), batch_size=args.batch_size, mesh=mesh,
-        num_frames=args.num_frames, num_inference_steps=args.steps, fps=fps, motion_bucket_id=args.motion_bucket_id,
-        noise_aug_strength=args.noise_aug_strength, decode_chunk_size=args.decode_chunk_size,
-        first_index=share.start, progress=True, allow_untrained_backward=args.allow_untrained_backward, **options)
+    def fitted(line: PairLine) -> list:
+        return [video.fit_image(video.read_keyframe(p), height, width, args.resize) for p in line.keyframes]
+
+    def videos():
+        """Each line's video in file order, the line at index i keyed `fold_in(key, i)` or by its own seed: each run
+        of consecutive pairs in batches over the devices, a sequence (more than two keyframes) as one batch of its
+        segments."""
+        base = jax.random.key(args.seed)
+        lines = list(zip(share, mine))
+        for is_pair, run in itertools.groupby(lines, key=lambda item: len(item[1].keyframes) == 2):
+            run = list(run)
+            if is_pair:
+                yield from pipe.interpolate_batch(
+                    ((*fitted(line), *(() if line.seed is None else (jax.random.key(line.seed),))) for _, line in run),
+                    key=base, batch_size=args.batch_size, mesh=mesh, first_index=run[0][0], **settings)
+            else:
+                for index, line in run:
+                    key = jax.random.key(line.seed) if line.seed is not None else jax.random.fold_in(base, index)
+                    yield pipe.interpolate_sequence(fitted(line), key=key, mesh=mesh, **settings)
+
     out_dir = Path(args.out_dir)
     began, records = time.perf_counter(), []
-    for index, pair, frames in zip(share, mine, videos):
+    for index, pair, frames in zip(share, mine, videos()):
         written = video.write_video(frames, out_dir / pair.out, fps=fps)
-        records.append({"line": pair.line, "start": str(pair.start), "end": str(pair.end), "out": str(written),
-                        "frames": len(frames),
+        records.append({"line": pair.line, "start": str(pair.start), "end": str(pair.end),
+                        **({"keyframes": [str(p) for p in pair.keyframes]} if len(pair.keyframes) > 2 else {}),
+                        "out": str(written), "frames": len(frames),
                         **({"seed": pair.seed} if pair.seed is not None else {"seed": args.seed, "index": index})})
     seconds = time.perf_counter() - began
     summary = {"pairs_file": str(args.pairs), "method": args.method, "steps": args.steps, "fps": fps,
@@ -754,8 +817,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_arguments(convert)
     convert.set_defaults(run=run_convert, check=check_convert_arguments)
     interpolate = commands.add_parser(
-        "interpolate", help="generate the video between two keyframes (GI, TRF, MPD, ViBiD)",
-        description="Generative inbetweening: the frames between START and END with SVD and the chosen method.")
+        "interpolate", help="generate the video between two keyframes, or through several (GI, TRF, MPD, ViBiD)",
+        description="Generative inbetweening: the frames between two keyframes with SVD and the chosen method; with "
+                    "K keyframes, one video through all of them from K − 1 segments generated as one batch.")
     add_interpolate_arguments(interpolate)
     interpolate.set_defaults(run=run_interpolate, check=check_interpolate_arguments)
     batch = commands.add_parser(

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from PIL import Image
 from tqdm.auto import tqdm
 
-from jinbetween import atomic, checks, conditioning, distributed, hardware, schedule
+from jinbetween import atomic, checks, conditioning, distributed, hardware, schedule, sequence
 from jinbetween.conditioning import Conditioning
 from jinbetween.errors import ConfigError, DivergedError, ImageError, InputShapeError, WeightsNotFoundError
 from jinbetween.models import VAE, ImageEncoder, UNet
@@ -402,6 +402,49 @@ class Pipeline:
             return self._fetched(videos, output, first_index + position, count)
 
         return _pipelined(chunks, run, fetch, progress, total)
+
+    def interpolate_sequence(self, keyframes: Sequence[ImageLike], *, method: str = "gi", key: jax.Array | None = None,
+                             num_frames: int | None = None, durations: Sequence[float] | None = None,
+                             seam: str = "shared", mesh: Mesh | None = None, num_inference_steps: int | None = None,
+                             fps: float | None = None, motion_bucket_id: float = 127, noise_aug_strength: float = 0.02,
+                             decode_chunk_size: int | None = None, output: str = "uint8", progress: bool = False,
+                             allow_untrained_backward: bool = False, **options: Any) -> np.ndarray:
+        """Returns the one video that passes through every keyframe, uint8 `[(K−1)·(F−1)+1, H, W, 3]` for K keyframes
+        of one size and F = `num_frames` per segment (float32 in [0, 1] with `output="float"`, the joined latents
+        with `output="latent"`).
+
+        The K − 1 segments (keyframe i to i + 1) run as one batch through `interpolate_batch`'s program, split
+        over the devices of `mesh` (default: up to one device per segment); segment i uses `fold_in(key, i)`, so
+        its random draws do not depend on K, and K = 2 is `interpolate(start, end)`. Each segment shares its
+        boundary frame with the next (`sequence.SEAMS`: `seam`). `durations` (seconds, one per gap) retime each
+        gap to round(duration · fps) frames by keeping evenly spread frames of its segment (at most F − 1 per
+        gap; slower gaps are refused, as the model makes F frames per segment). Segments are decoded one at a
+        time, so the decoder's memory does not grow with K. Other arguments as in `interpolate`.
+        """
+        _check_output(output)
+        _check_settings(num_inference_steps=num_inference_steps, fps=fps, motion_bucket_id=motion_bucket_id,
+                        noise_aug_strength=noise_aug_strength, decode_chunk_size=decode_chunk_size, first_index=0)
+        checks.choice(seam, "seam", sequence.SEAMS, "how segments are joined")
+        sequence.check_keyframe_count(len(keyframes))
+        frames = _as_uint8_batch(keyframes)
+        segments = len(frames) - 1
+        num_frames = sequence.check_segment_frames(self.unet.config.num_frames if num_frames is None else num_frames)
+        spec = self._method(method, allow_untrained_backward)
+        fps = spec.fps if fps is None else fps
+        counts = ([num_frames - 1] * segments if durations is None
+                  else sequence.gap_frames(durations, fps, num_frames, segments))
+        if mesh is None:
+            mesh = distributed.local_mesh(jax.local_devices()[:segments])
+        mesh = distributed.check_mesh(mesh)
+        latents = np.stack(list(self.interpolate_batch(
+            list(zip(frames[:-1], frames[1:])), method=method, key=key, batch_size=-(-segments // mesh.size) *
+            mesh.size, mesh=mesh, num_frames=num_frames, num_inference_steps=num_inference_steps, fps=fps,
+            motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength, output="latent",
+            progress=progress, allow_untrained_backward=allow_untrained_backward, **options)))
+        latents = sequence.seam_latents(latents, seam)
+        parts = latents if output == "latent" else (
+            self._decoded(latents[i:i + 1], output, decode_chunk_size, i)[0] for i in range(segments))
+        return sequence.join(list(parts), [sequence.retime_indices(count, num_frames) for count in counts])
 
     def _method(self, method: str, allow_untrained_backward: bool) -> Method:
         """Returns the method called `method`, checked to be runnable with this pipeline."""

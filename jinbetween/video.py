@@ -1,4 +1,4 @@
-"""Keyframes in, videos out: reading and fitting images, writing mp4/gif, contact sheets."""
+"""Keyframes in, videos out: reading and fitting images, writing mp4/gif, contact sheets and frame grids."""
 
 from __future__ import annotations
 
@@ -114,4 +114,32 @@ def contact_sheet(videos: Sequence[np.ndarray], path: str | os.PathLike, *, fram
     path = Path(path)
     with atomic.replacing(path) as temporary:
         sheet.save(temporary)
+    return path
+
+
+def frame_grid(frames: np.ndarray, path: str | os.PathLike, *, columns: int = 8, thumb_width: int = 192,
+               gap: int = 4, label_height: int = 14) -> Path:
+    """Writes a PNG (atomically) of one video's frames (`[F, H, W, 3]` uint8) as a grid of thumbnails, `columns`
+    to a row, each at most `thumb_width` wide with its frame index under it; returns `path`.
+
+    The sheet is at most columns · (thumb_width + gap) + gap pixels wide whatever the video's length and size.
+    """
+    frames = np.asarray(frames, np.uint8)
+    checks.integer(columns, "columns", "the thumbnails per row", minimum=1, example=8)
+    checks.integer(thumb_width, "thumb_width", "the thumbnail width", minimum=8, example=192)
+    h, w = frames.shape[1:3]
+    tw = min(w, thumb_width)
+    th = max(1, round(h * tw / w))
+    columns = min(columns, len(frames))
+    rows = -(-len(frames) // columns)
+    cell_h = th + label_height
+    sheet = Image.new("RGB", (columns * (tw + gap) + gap, rows * (cell_h + gap) + gap), "white")
+    draw = ImageDraw.Draw(sheet)
+    for index, frame in enumerate(frames):
+        x, y = gap + (index % columns) * (tw + gap), gap + (index // columns) * (cell_h + gap)
+        sheet.paste(Image.fromarray(frame).resize((tw, th), Image.LANCZOS), (x, y))
+        draw.text((x + tw // 2 - 3 * len(str(index)), y + th + 1), str(index), fill="black")
+    path = Path(path)
+    with atomic.replacing(path) as temporary:
+        sheet.save(temporary, format="PNG")
     return path

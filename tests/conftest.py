@@ -23,8 +23,8 @@ settings.load_profile("jinbetween")
 SLOW_MODULES = {
     "test_batch", "test_compile_cache", "test_conversion", "test_examples", "test_faults", "test_finetune_loop",
     "test_finetune_oracle", "test_gi_delta", "test_interpolate", "test_kernel_benchmarks", "test_notebooks",
-    "test_perf_harness", "test_pipeline", "test_sampler_oracles", "test_toyworld_release", "test_toyworld_train",
-    "test_unet_parity", "test_vae_clip_parity",
+    "test_perf_harness", "test_pipeline", "test_sampler_oracles", "test_sequence_pipeline", "test_toyworld_release",
+    "test_toyworld_train", "test_unet_parity", "test_vae_clip_parity",
 }
 
 

@@ -84,6 +84,13 @@ CASES = [
     ("interpolate-steps-zero", [*INTERPOLATE, "--method", "vibid", "--steps", "0"], ["--steps 0"]),
     ("interpolate-fps-too-high", [*INTERPOLATE, "--fps", "1000"], ["--fps 1000", "≤ 240"]),
     ("interpolate-method-unknown", [*INTERPOLATE, "--method", "fancy"], ["--method", "invalid choice"]),
+    ("interpolate-one-keyframe", ["interpolate", "{T}/a.png", "--out", "{T}/out/v.gif"], ["KEYFRAME", "at least two"]),
+    ("interpolate-third-keyframe-missing", [*INTERPOLATE[:3], "{T}/missing.png", *INTERPOLATE[3:]],
+     ["missing.png does not exist"]),
+    ("interpolate-durations-too-long", [*INTERPOLATE, "--durations", "5"], ["--durations[0] 5.0", "35 frame(s)"]),
+    ("interpolate-durations-count", [*INTERPOLATE, "--durations", "1", "1"], ["2 duration(s) for 1 keyframe gap"]),
+    ("interpolate-durations-zero", [*INTERPOLATE, "--durations", "0"], ["--durations[0] 0.0", "> 0"]),
+    ("interpolate-seam-unknown", [*INTERPOLATE, "--seam", "glue"], ["--seam", "invalid choice"]),
     # batch
     ("batch-size-zero", [*BATCH, "--batch-size", "0"], ["--batch-size 0"]),
     ("batch-out-dir-is-a-file", ["batch", "{T}/pairs.jsonl", "--out-dir", "{T}/file"], ["--out-dir", "is a file"]),
@@ -92,6 +99,8 @@ CASES = [
     ("batch-pairs-out-txt", ["batch", "{T}/badout.jsonl", "--out-dir", "{T}/out"], ["'ab.txt'", ".mp4 or .gif"]),
     ("batch-frames-two", [*BATCH, "--num-frames", "2"], ["--num-frames 2"]),
     ("batch-devices-zero", [*BATCH, "--devices", "0"], ["--devices 0"]),
+    ("batch-one-keyframe", ["batch", "{T}/onekey.jsonl", "--out-dir", "{T}/out"],
+     ['line 1: "keyframes" is not a list of two or more']),
     ("batch-options", [*BATCH, "--method", "trf", "--set", "repeat_step_ratio=2"], ["repeat_step_ratio=2"]),
     # finetune
     ("finetune-steps-zero", [*FINETUNE, "--steps", "0"], ["--steps 0", "optimizer steps"]),
@@ -151,6 +160,7 @@ def inputs(tmp_path):
     pair = {"start": "a.png", "end": "b.png"}
     (tmp_path / "pairs.jsonl").write_text(json.dumps(pair) + "\n")
     (tmp_path / "broken.jsonl").write_text(json.dumps(pair) + "\n{start: a.png}\n")
+    (tmp_path / "onekey.jsonl").write_text(json.dumps({"keyframes": ["a.png"]}) + "\n")
     (tmp_path / "badout.jsonl").write_text(json.dumps({**pair, "out": "ab.txt"}) + "\n")
     frames = tmp_path / "videos" / "clip0"
     frames.mkdir(parents=True)

@@ -18,7 +18,7 @@ LAYERS = (
     ("base", ("jinbetween.errors", "jinbetween.hardware", "jinbetween.atomic", "jinbetween.checks",
               "jinbetween.config", "jinbetween.integrity", "jinbetween.checkpoint", "jinbetween.schedule",
               "jinbetween.video", "jinbetween.conditioning", "jinbetween.flops", "jinbetween.compile_cache",
-              "jinbetween.distributed", "jinbetween.data")),
+              "jinbetween.distributed", "jinbetween.data", "jinbetween.sequence")),
     ("models", ("jinbetween.models",)),
     ("storage", ("jinbetween.weights",)),
     ("denoiser", ("jinbetween.denoiser",)),

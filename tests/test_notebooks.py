@@ -31,7 +31,7 @@ CELL_TIMEOUT_S = 900
 # Small settings for CI, as each notebook's parameters cell reads them.
 SMALL = {"JINBETWEEN_NB_STEPS": "1"}
 EXECUTED = {
-    "01_quickstart": ({}, ["GI.gif", "sheet.png"]),
+    "01_quickstart": ({}, ["GI.gif", "sheet.png", "sequence_grid.png", "GI_through_3_keyframes.gif"]),
     "02_samplers_compared": ({"JINBETWEEN_NB_METHODS": "trf gi mpd vibid"},
                              ["sheet.png", "psnr_per_frame.png", "attention_maps.png", "GI.gif", "MPD.gif"]),
     "04_finetune_backward_delta": ({"JINBETWEEN_NB_FINETUNE_STEPS": "3", "JINBETWEEN_NB_FINETUNE_BATCH": "1",

@@ -326,3 +326,38 @@ def score_video(video: np.ndarray, scene: Scene, cfg: WorldConfig = WorldConfig(
     return {"psnr": float(np.mean(np.minimum(psnr(picked, picked_truth), PSNR_CAP_DB))),
             "ssim": float(np.mean(ssim(picked, picked_truth))),
             "keyframe_psnr": float(np.mean(np.minimum(psnr(video[ends], truth[ends]), PSNR_CAP_DB))), **motion}
+
+
+def frame_differences(video: np.ndarray) -> np.ndarray:
+    """Returns the mean absolute difference `[F − 1]` (0..1) of each pair of consecutive frames of `video`."""
+    return np.abs(np.diff(_unit_float(video, "video"), axis=0)).mean(axis=(1, 2, 3))
+
+
+def accelerations(centres: np.ndarray, pixels_per_unit: float) -> np.ndarray:
+    """Returns each sprite's acceleration |c[t+1] − 2c[t] + c[t−1]| `[F, N]` in pixels per frame² from its centres
+    `[F, N, 2]` (NaN at the first and last frame and wherever a sprite is not found)."""
+    out = np.full(centres.shape[:2], np.nan)
+    out[1:-1] = np.linalg.norm(centres[2:] - 2 * centres[1:-1] + centres[:-2], axis=-1) * pixels_per_unit
+    return out
+
+
+def seam_scores(video: np.ndarray, joins: np.ndarray, scene: Scene, cfg: WorldConfig = WorldConfig()) -> dict:
+    """Returns how a video through keyframes moves at its joins (frames `joins`, its inner keyframes) and within its
+    segments: the mean frame difference over the two frame steps touching a join and over the other steps; each
+    sprite's mean acceleration (pixels per frame²) at a join frame and at the other inner frames, and the fraction of
+    those sprite positions not found; and the join / within ratios (1: a join moves like any other frame)."""
+    differences = frame_differences(video)
+    step_at_join = np.zeros(len(differences), bool)
+    step_at_join[np.concatenate([joins - 1, joins])] = True
+    acceleration = accelerations(sprite_centroids(video, scene, cfg), float(cfg.height))
+    frame_at_join, inner = np.zeros(len(video), bool), np.zeros(len(video), bool)
+    frame_at_join[joins], inner[1:-1] = True, True
+    within = inner & ~frame_at_join
+    scores = {"difference_join": float(differences[step_at_join].mean()),
+              "difference_within": float(differences[~step_at_join].mean()),
+              "acceleration_join_px": float(np.nanmean(acceleration[frame_at_join])),
+              "acceleration_within_px": float(np.nanmean(acceleration[within])),
+              "lost_join": float(np.isnan(acceleration[frame_at_join]).mean()),
+              "lost_within": float(np.isnan(acceleration[within]).mean())}
+    return {**scores, "difference_ratio": scores["difference_join"] / scores["difference_within"],
+            "acceleration_ratio": scores["acceleration_join_px"] / scores["acceleration_within_px"]}
