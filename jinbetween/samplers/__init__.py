@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from jinbetween.samplers import bidirectional, gi, trf
+from jinbetween.samplers import bidirectional, gi, mr_catr, trf
 from jinbetween.samplers.core import (Draws, Sampled, StepProgram, count_unet_calls, denoise, draws_from_keys,
                                       guided_velocity, per_frame_guidance, sampling_progress)
 from jinbetween.samplers.gi import GIConfig, sample_gi
 from jinbetween.samplers.i2v import I2VConfig, sample_i2v
 from jinbetween.samplers.mpd import MPDConfig, sample_mpd
+from jinbetween.samplers.mr_catr import MRCATRConfig, sample_mr_catr
 from jinbetween.samplers.trf import TRFConfig, sample_trf
 from jinbetween.samplers.vibid import ViBiDConfig, sample_vibid
 
@@ -41,6 +42,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            calls_per_move=bidirectional.UNET_CALLS),
     Method("vibid", ViBiDConfig, sample_vibid, fps=7, shared_aug_noise=False,
            calls_per_move=bidirectional.UNET_CALLS),
+    Method("mr-catr", MRCATRConfig, sample_mr_catr, fps=11, shared_aug_noise=False, calls_per_move=mr_catr.UNET_CALLS),
 )}
 
 
@@ -50,6 +52,7 @@ def unet_calls(method: str, cfg: Any) -> int:
     return sum(program.count(kind) * calls for kind, calls in METHODS[method].calls_per_move.items())
 
 
-__all__ = ["METHODS", "Draws", "GIConfig", "I2VConfig", "MPDConfig", "Method", "Sampled", "StepProgram", "TRFConfig",
-           "ViBiDConfig", "count_unet_calls", "denoise", "draws_from_keys", "guided_velocity", "per_frame_guidance",
-           "sample_gi", "sample_i2v", "sample_mpd", "sample_trf", "sample_vibid", "sampling_progress", "unet_calls"]
+__all__ = ["METHODS", "Draws", "GIConfig", "I2VConfig", "MPDConfig", "MRCATRConfig", "Method", "Sampled",
+           "StepProgram", "TRFConfig", "ViBiDConfig", "count_unet_calls", "denoise", "draws_from_keys",
+           "guided_velocity", "per_frame_guidance", "sample_gi", "sample_i2v", "sample_mpd", "sample_mr_catr",
+           "sample_trf", "sample_vibid", "sampling_progress", "unet_calls"]
