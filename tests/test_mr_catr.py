@@ -239,3 +239,34 @@ def test_batch_equals_separate_runs(unet):
     for i, (s, e) in enumerate([(1, 2), (3, 4)]):
         alone = sample_mr_catr(unet, conditioning(s), conditioning(e), keys(10 + i), cfg).latents
         assert_close(batch[i:i + 1], alone, ROUNDING, f"mr-catr: pair {i} in a batch of 2 against alone")
+
+
+# --------------------------------------------------------------------------------------------------
+# Reach: the CLI's commands and the toy-world benchmark.
+
+
+@pytest.mark.parametrize("argv", [
+    ["interpolate", "a.png", "b.png", "--out", "v.mp4", "--method", "mr-catr"],
+    ["batch", "pairs.jsonl", "--out-dir", "videos", "--method", "mr-catr"],
+    ["demo", "--methods", "mr-catr"],
+    ["toybench", "--methods", "mr-catr"],
+])
+def test_every_command_offers_the_method(argv):
+    from jinbetween import cli
+
+    args = cli.build_parser().parse_args(argv)
+    assert getattr(args, "method", None) == "mr-catr" or args.methods == ["mr-catr"]
+
+
+def test_toybench_scores_it_on_its_own_frame_rate(tmp_path):
+    """End to end on the shipped toy model (1 pair, 2 steps): `--method-fps` conditions it on fps 11 (fps_id 10)."""
+    import json
+
+    from jinbetween import cli
+
+    out = tmp_path / "bench.json"
+    argv = ["toybench", "--pairs", "1", "--steps", "2", "--methods", "mr-catr", "--method-fps", "--out", str(out)]
+    assert cli.main(argv) == 0
+    record = json.loads(out.read_text())
+    assert record["fps"] == {"mr-catr": 11.0}, f"conditioning fps {record['fps']}"
+    assert np.isfinite(record["scores"]["mr-catr"]["psnr"]), record["scores"]

@@ -15,6 +15,10 @@ time-reversed latent from the end keyframe with its last frame pinned to z_start
 At the defaults (25 steps, γ = 0.2, κ = 0.2, p = 2, fps 11 i.e. fps_id 10) steps 0–4 blend, step 0 with ρ = 0.
 As the official `svd/scripts/sampling/mrcatr.py`: every norm and cosine carries its ε = 1e-8 where it does
 (√(Σv² + ε), v/(‖v‖ + ε), a·b/(‖a‖‖b‖ + ε)); reductions run per video (the official script runs one).
+
+Its oddities are the default, not options: the mean residual is the endpoint difference over F − 1, cos(d, P d)
+is never negative, and the projection is one rank-one map of the whole video. The authors' diagnostics script
+logs the same quantities as the paper's, and nothing says what else was meant (docs/mr_catr_algorithm.md).
 """
 
 from __future__ import annotations
