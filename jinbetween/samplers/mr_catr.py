@@ -18,7 +18,8 @@ As the official `svd/scripts/sampling/mrcatr.py`: every norm and cosine carries 
 
 Its oddities are the default, not options: the mean residual is the endpoint difference over F − 1, cos(d, P d)
 is never negative, and the projection is one rank-one map of the whole video. The authors' diagnostics script
-logs the same quantities as the paper's, and nothing says what else was meant (docs/mr_catr_algorithm.md).
+copies these helpers "so diagnostics match the paper", and nothing says what else was meant
+(docs/mr_catr_algorithm.md).
 """
 
 from __future__ import annotations
