@@ -24,7 +24,7 @@ Cases (SVD-XT, bf16, 25 frames at 576×1024 unless --frames/--height/--width say
                                    GI's two directions run it
   vae/decode[:chunk=8,lean=0]      the decode of one video's latents
   encode/keyframes[:pairs=N]       the VAE and CLIP encoding of N pairs' keyframes, as `interpolate` batches them
-  run/METHOD[:pairs=N]             the sampler program of METHOD (i2v, gi, trf, mpd, mpd-seq, vibid) on N pairs
+  run/METHOD[:pairs=N]             the sampler program of METHOD (i2v, gi, trf, mpd, mpd-seq, vibid, mr-catr) on N pairs
                                    (N videos for i2v), as `interpolate` / `interpolate_batch` run it per device
 
 `:shortcut=0` / `:attention=xla` / `:feedforward=pallas` / `:temporal=pallas` switch the UNet's kernels and
@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/gpu_plan.py` from anywhere finds `bench.perf` and `jinbetween`
     sys.path.insert(0, str(ROOT))
 TARGETS = {path.stem: path for path in sorted((ROOT / "bench" / "gpu_targets").glob("*.txtpb"))}
-METHOD_NAMES = ("i2v", "gi", "trf", "mpd", "mpd-seq", "vibid")
+METHOD_NAMES = ("i2v", "gi", "trf", "mpd", "mpd-seq", "vibid", "mr-catr")
 _UNET_OPTIONS = {"attention", "shortcut", "feedforward", "temporal", "xla"}
 CASE_OPTIONS = {"unet": _UNET_OPTIONS | {"maps"}, "vae": {"chunk", "lean", "xla"}, "run": _UNET_OPTIONS | {"pairs"},
                 "encode": {"pairs", "xla"}}

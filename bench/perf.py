@@ -12,7 +12,7 @@ keeps what it finished. Cases are `KIND/IMPL/TARGET[:option=value,...]`:
 
   unet/jax/b2, unet/torch-eager/b2, unet/torch-compile/b2   one UNet forward on B videos (B=2: one CFG call)
   vae/jax, vae/jax:lean=0, vae/torch-eager, vae/torch-compile  decode of all frames (`:chunk=8` for chunks)
-  run/jax/METHOD (i2v, gi, trf, mpd, mpd-seq, vibid)          one video through the Pipeline's calls, phase by phase
+  run/jax/METHOD (i2v, gi, trf, mpd, mpd-seq, vibid, mr-catr) one video through the Pipeline's calls, phase by phase
   run/torch-eager/i2v                                        diffusers' StableVideoDiffusionPipeline
   profile/jax/unet-b2, profile/torch-eager/unet-b2           per-kernel time of one warm UNet forward
 
@@ -29,7 +29,7 @@ Torch: the first call
 (torch.compile's compilation included) apart, then the median. Peak memory: `memory_stats()
 ["peak_bytes_in_use"]` / `torch.cuda.max_memory_allocated()`, weights included. FLOPs are counted, not
 estimated: jinbetween's from its jaxpr (`jinbetween.flops`), diffusers' with `FlopCounterMode`; both count
-matrix products and convolutions only. Torch has no GI/TRF/MPD/ViBiD: `table` estimates them as
+matrix products and convolutions only. Torch has no GI/TRF/MPD/ViBiD/MR-CATR: `table` estimates them as
 UNet calls × diffusers' B=2 forward + its decode, and says so. `--tiny` runs tiny models on a CPU (a check
 of this script, not a benchmark).
 
@@ -54,7 +54,7 @@ SETS = {
     "models": ["unet/jax/b1", "unet/jax/b2", "vae/jax", "vae/jax:lean=0", "unet/torch-eager/b1", "unet/torch-eager/b2",
                "vae/torch-eager", "unet/torch-compile/b1", "unet/torch-compile/b2", "vae/torch-compile"],
     "samplers": ["run/jax/gi:decode_chunks=8+all", "run/jax/mpd", "run/jax/vibid", "run/jax/i2v", "run/torch-eager/i2v",
-                 "run/jax/trf", "run/jax/mpd-seq"],
+                 "run/jax/trf", "run/jax/mpd-seq", "run/jax/mr-catr"],
     "profile": ["profile/jax/unet-b2", "profile/torch-eager/unet-b2"],
     # The UNet's switches against its defaults (bench/NOTES.md), then XLA's flags.
     "variants": ["unet/jax/b2:temporal=xla", "unet/jax/b2:feedforward=pallas", "unet/jax/b2:maps=capture",
@@ -76,7 +76,7 @@ XLA_PRESETS = {
 _UNET_OPTIONS = {"attention", "shortcut", "feedforward", "temporal", "xla"}
 CASE_OPTIONS = {"unet": _UNET_OPTIONS | {"maps"}, "vae": {"lean", "chunk", "xla"},
                 "profile": _UNET_OPTIONS | {"maps"}, "run": _UNET_OPTIONS | {"decode_chunks", "progress"}}
-METHOD_NAMES = ("i2v", "gi", "trf", "mpd", "mpd-seq", "vibid")
+METHOD_NAMES = ("i2v", "gi", "trf", "mpd", "mpd-seq", "vibid", "mr-catr")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_METHODS = "gi,vibid,mpd-seq,trf,mpd"
+DEFAULT_METHODS = "gi,vibid,mr-catr,mpd-seq,trf,mpd"
 
 
 def run_one(args) -> dict:

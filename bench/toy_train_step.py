@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from perf import summarize_jax_trace  # noqa: E402
 
-from jinbetween.models import VAE  # noqa: E402
+from jinbetween.weights import load_vae  # noqa: E402
 from jinbetween.toyworld import train, world  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = train.UNetTrainConfig(batch_size=args.batch_size)
-    vae = VAE.from_pretrained(args.init, dtype=np.float32)
+    vae = load_vae(args.init, dtype=np.float32)
     graphdef, state = train.init_train_state(train._load_trainables(args.init, 0), cfg)
     pool = train.build_pool(vae, world.split_seeds("train", args.videos), jax.random.key(0), cfg)
     key, zero = jax.random.key(1), np.float32(0)

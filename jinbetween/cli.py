@@ -218,8 +218,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser, *, demo: bool) -> None:
                              ("10, for a CPU run in minutes)" if demo else "each method's own)"))
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--method-fps", action="store_true",
-                        help="condition each method on its own default fps (MPD: 9) instead of the toy world's 7, "
-                             "the only one the toy model was trained on")
+                        help="condition each method on its own default fps (MPD: 9, MR-CATR: 11) instead of the toy "
+                             "world's 7, the only one the toy model was trained on")
     parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
                         help="parameter dtype (auto: bfloat16 on GPU, float32 on CPU)")
     if demo:
@@ -409,13 +409,13 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=sorted(METHODS), default="gi",
                         help="gi: Generative Inbetweening (needs a backward delta); trf: Time Reversal Fusion; "
                              "mpd / mpd-seq: Motion Prior Distillation on the TRF-like / ViBiD base; vibid: "
-                             "ViBiDSampler (default gi)")
+                             "ViBiDSampler; mr-catr: ViBiD with MR-CATR's conflict-aware backward update (default gi)")
     parser.add_argument("--num-frames", type=int, help="frames to generate, keyframes included (default: the "
                                                        "model's, 25 for SVD-XT)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the method's, 50 for GI and TRF, 25 for "
-                                                  "MPD and ViBiD)")
+                                                  "MPD, ViBiD and MR-CATR)")
     parser.add_argument("--fps", type=float, help="frame rate the model is conditioned on and the video is written "
-                                                  "at (default: the method's, 7, or 9 for MPD)")
+                                                  "at (default: the method's, 7, or 9 for MPD, 11 for MR-CATR)")
     parser.add_argument("--backward-delta", metavar="PATH",
                         help="GI backward delta to use (default: WEIGHTS/gi_backward when it exists)")
     parser.add_argument("--allow-untrained-backward", action="store_true",
@@ -817,7 +817,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_arguments(convert)
     convert.set_defaults(run=run_convert, check=check_convert_arguments)
     interpolate = commands.add_parser(
-        "interpolate", help="generate the video between two keyframes, or through several (GI, TRF, MPD, ViBiD)",
+        "interpolate", help="generate the video between two keyframes, or through several (GI, TRF, MPD, ViBiD, MR-CATR)",
         description="Generative inbetweening: the frames between two keyframes with SVD and the chosen method; with "
                     "K keyframes, one video through all of them from K − 1 segments generated as one batch.")
     add_interpolate_arguments(interpolate)

@@ -305,9 +305,9 @@ class Pipeline:
         """Returns the video from `start` to `end`: uint8 `[F, H, W, 3]` (float32 in [0, 1] with `output="float"`,
         latents with `output="latent"`); lists of keyframes give a leading batch axis of pairs.
 
-        method: "gi", "trf", "mpd" (MPD-par), "mpd-seq" or "vibid" (`jinbetween.samplers.METHODS`).
+        method: "gi", "trf", "mpd" (MPD-par), "mpd-seq", "vibid" or "mr-catr" (`jinbetween.samplers.METHODS`).
         num_inference_steps and fps default to each method's official values (GI and TRF 50 steps at
-        fps 7, MPD 25 at fps 9, ViBiD 25 at fps 7). `options` set fields of the method's config
+        fps 7, MPD 25 at fps 9, ViBiD 25 at fps 7, MR-CATR 25 at fps 11). `options` set fields of the method's config
         (e.g. `noise_injection_steps=0` for GI, `faithful=True` for TRF). Pair i uses
         `fold_in(key, first_index + i)`, as in `image_to_video`. GI needs a backward delta
         (`load_backward_delta`); `allow_untrained_backward=True` runs it with the base weights instead

@@ -32,8 +32,9 @@ CELL_TIMEOUT_S = 900
 SMALL = {"JINBETWEEN_NB_STEPS": "1"}
 EXECUTED = {
     "01_quickstart": ({}, ["GI.gif", "sheet.png", "sequence_grid.png", "GI_through_3_keyframes.gif"]),
-    "02_samplers_compared": ({"JINBETWEEN_NB_METHODS": "trf gi mpd vibid"},
-                             ["sheet.png", "psnr_per_frame.png", "attention_maps.png", "GI.gif", "MPD.gif"]),
+    "02_samplers_compared": ({"JINBETWEEN_NB_METHODS": "trf gi mpd vibid mr-catr"},
+                             ["sheet.png", "psnr_per_frame.png", "attention_maps.png", "GI.gif", "MPD.gif",
+                              "MR-CATR.gif"]),
     "04_finetune_backward_delta": ({"JINBETWEEN_NB_FINETUNE_STEPS": "3", "JINBETWEEN_NB_FINETUNE_BATCH": "1",
                                     "JINBETWEEN_NB_TOY_VIDEOS": "3"},
                                    ["loss_curve.png", "GI_fine-tuned_here.gif", "GI_shipped_delta.gif", "sheet.png",

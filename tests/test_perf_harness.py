@@ -32,8 +32,8 @@ def reports(tmp_path_factory):
     # as on the GPU.
     models = run_set(tmp_path, "models", ["unet/jax/b2", "unet/jax/b2:maps=inject", "unet/torch-eager/b2", "vae/jax",
                                           "vae/torch-eager"], "--in-process")
-    runs = run_set(tmp_path, "samplers", ["run/jax/gi:decode_chunks=2+all", "run/jax/i2v", "run/torch-eager/i2v"],
-                   "--steps", "2")
+    runs = run_set(tmp_path, "samplers", ["run/jax/gi:decode_chunks=2+all", "run/jax/i2v", "run/torch-eager/i2v",
+                                          "run/jax/mr-catr"], "--steps", "2")
     profile = run_set(tmp_path, "profile", ["profile/jax/unet-b2", "profile/torch-eager/unet-b2"],
                       "--trace-dir", str(tmp_path / "traces"), "--in-process")
     return models, runs, profile, tmp_path
@@ -70,6 +70,12 @@ def test_run_cases_time_whole_pipeline_calls(reports):
         assert phases["sample"]["compile_s"] > 0
         assert result["median_s"] == sum(phases[p]["median_s"] for p in ("encode", "sample", "decode"))
     assert set(gi["decode_by_chunk"]) == {"2", "3"}  # F = 3: "all" is a chunk of 3
+    mr_catr = runs["run/jax/mr-catr"]
+    assert "error" not in mr_catr, mr_catr
+    # 2 steps of two guided calls each (step 0 conflict-aware, 0 < 0.2·2; step 1 plain): as i2v's 2 calls
+    # twice over, the projection adding no matrix products.
+    assert (mr_catr["steps"], mr_catr["moves"], mr_catr["unet_calls"]) == (2, 2, 4)
+    assert mr_catr["flops_by_phase"]["sample"] == 2 * i2v["flops_by_phase"]["sample"]
     assert list(gi["peaks"]) == ["after_encode", "after_sample", "after_decode_chunk_2", "after_decode_chunk_3"]
 
 
@@ -138,8 +144,10 @@ def test_flop_counts_of_every_program():
     # counted as calls × one guided forward, not as every move taking the dearer branch.
     mpd = counts["run/mpd"]
     assert mpd["flops_by_phase"]["sample"] == mpd["unet_calls"] * unet_b2
-    # i2v has no branch: counted from its scan, it is exactly its calls × one guided forward.
-    assert counts["run/i2v"]["flops_by_phase"]["sample"] == counts["run/i2v"]["unet_calls"] * unet_b2
+    # i2v and MR-CATR have no branch: counted from their scans, each is exactly its calls × one guided forward.
+    for method in ("i2v", "mr-catr"):
+        assert counts[f"run/{method}"]["flops_by_phase"]["sample"] == counts[f"run/{method}"]["unet_calls"] * unet_b2
+    assert counts["run/mr-catr"]["unet_calls"] == counts["run/vibid"]["unet_calls"]
     assert all(entry["floor_s"] == entry["flops"] / 1e12 for entry in counts.values())
 
 

@@ -155,7 +155,7 @@ def test_gi_program_repeats_the_first_half_with_reinjected_noise():
 
 
 @pytest.mark.parametrize("method, expected", [("gi", 350), ("trf", 110), ("mpd", 185), ("mpd-seq", 65),
-                                              ("vibid", 50)])
+                                              ("vibid", 50), ("mr-catr", 50)])
 def test_unet_evaluations_at_defaults_equal_the_reference_table(counting_unet, method, expected):
     """algorithms.md §2: counted at run time (one callback per UNet call), at the default schedules.
     Two runs with one key also give the same video."""

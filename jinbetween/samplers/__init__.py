@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from jinbetween.samplers import gi, mpd, trf, vibid
+from jinbetween.samplers import gi, mpd, mr_catr, trf, vibid
 from jinbetween.samplers.core import Draws, Progress, Sampled, StepProgram, draws_from_keys, per_frame_guidance
 from jinbetween.samplers.gi import GIConfig, sample_gi
 from jinbetween.samplers.i2v import I2VConfig, sample_i2v
 from jinbetween.samplers.mpd import MPDConfig, sample_mpd
+from jinbetween.samplers.mr_catr import MRCATRConfig, sample_mr_catr
 from jinbetween.samplers.trf import TRFConfig, sample_trf
 from jinbetween.samplers.vibid import ViBiDConfig, sample_vibid
 
@@ -39,6 +40,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("mpd-seq", MPDConfig.sequential, sample_mpd, fps=9, shared_aug_noise=False,
            calls_per_move=mpd.UNET_CALLS),
     Method("vibid", ViBiDConfig, sample_vibid, fps=7, shared_aug_noise=False, calls_per_move=vibid.UNET_CALLS),
+    Method("mr-catr", MRCATRConfig, sample_mr_catr, fps=11, shared_aug_noise=False,
+           calls_per_move=mr_catr.UNET_CALLS),
 )}
 
 
@@ -48,6 +51,7 @@ def unet_calls(method: str, cfg: Any) -> int:
     return sum(program.count(kind) * calls for kind, calls in METHODS[method].calls_per_move.items())
 
 
-__all__ = ["METHODS", "Draws", "GIConfig", "I2VConfig", "MPDConfig", "Method", "Progress", "Sampled", "StepProgram",
+__all__ = ["METHODS", "Draws", "GIConfig", "I2VConfig", "MPDConfig", "MRCATRConfig", "Method", "Progress", "Sampled",
+           "StepProgram",
            "TRFConfig", "ViBiDConfig", "draws_from_keys", "per_frame_guidance", "sample_gi", "sample_i2v",
-           "sample_mpd", "sample_trf", "sample_vibid", "unet_calls"]
+           "sample_mpd", "sample_mr_catr", "sample_trf", "sample_vibid", "unet_calls"]

@@ -26,7 +26,7 @@ from jinbetween.toyworld import metrics, world
 
 log = logging.getLogger(__name__)
 
-METHODS = ("gi", "trf", "mpd", "mpd-seq", "vibid")
+METHODS = ("gi", "trf", "mpd", "mpd-seq", "vibid", "mr-catr")
 CROSSFADE = "crossfade"
 ROUND_TRIP = "vae round trip"
 TRUTH = "ground truth"
