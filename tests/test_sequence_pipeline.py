@@ -28,8 +28,9 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def four(pipe):
-    """Latents of a 4-keyframe sequence."""
-    return pipe.interpolate_sequence([keyframe(i) for i in range(4)], key=jax.random.key(1), output="latent", **RUN)
+    """Latents of a 4-keyframe sequence, its segments joined as sampled."""
+    return pipe.interpolate_sequence([keyframe(i) for i in range(4)], key=jax.random.key(1), seam="shared",
+                                     output="latent", **RUN)
 
 
 def test_two_keyframes_give_exactly_interpolate(pipe):
@@ -63,7 +64,8 @@ def test_segment_i_is_the_pair_interpolated_with_key_fold_in_i(pipe, four):
 
 def test_durations_retime_each_gap(pipe, four):
     frames = pipe.interpolate_sequence([keyframe(i) for i in range(4)], key=jax.random.key(1),
-                                       durations=[2 / 7, 1 / 7, 2 / 7], fps=7, output="latent", **RUN)
+                                       durations=[2 / 7, 1 / 7, 2 / 7], fps=7, seam="shared", output="latent",
+                                       **RUN)
     np.testing.assert_array_equal(frames, four[[0, 1, 2, 4, 5, 6]], err_msg="gap 1 (one frame) keeps its keyframe only")
 
 
