@@ -132,9 +132,9 @@ def test_full_cross_attention_equals_single_token_shortcut(parity_case):
     # The same function in float32 through different matmul shapes (one to_v/to_out per video against one per
     # token), so summation orders differ: measured 1.0e-6 and 1.2e-6 on one CPU, under 1e-6 on another. A wrong
     # shortcut (a lost bias, the wrong half of the CFG batch) is off by O(1).
-    assert_close(forward_fast(params_fast, *inputs), forward_full(params_full, *inputs), TOL,
+    assert_close(forward_fast(params_fast, *inputs)[0], forward_full(params_full, *inputs)[0], TOL,
                  "shortcut vs full cross-attention")
-    assert_close(forward_full(params_full, *inputs), torch_unet_forward(reference, *inputs), TOL,
+    assert_close(forward_full(params_full, *inputs)[0], torch_unet_forward(reference, *inputs), TOL,
                  "full cross-attention vs diffusers")
 
 
