@@ -187,6 +187,10 @@ def test_batch_size_choice_and_learning_rate_and_ema_rules():
     measured = {64: {"clips_per_s": 1000.0}, 128: {"clips_per_s": 1850.0}, 256: {"clips_per_s": 2000.0},
                 512: {"clips_per_s": 2050.0}}
     assert train.choose_batch_size(measured) == 128
+    out_of_memory = {"clips_per_s": 0.0, "failed": "RESOURCE_EXHAUSTED: Out of memory"}
+    assert train.choose_batch_size({**measured, 32: out_of_memory}) == 128, "a failed size is never chosen"
+    with pytest.raises(SystemExit, match="no batch size ran .*256: RESOURCE_EXHAUSTED.*smaller --batch-sizes"):
+        train.choose_batch_size({256: out_of_memory})
     assert train.scaled_learning_rate(128, 2e-4, 32) == pytest.approx(4e-4)
     decay = train.ema_decay_for(10000)
     assert decay ** 500 == pytest.approx(0.5), "the EMA half-life is 5% of the steps"

@@ -639,9 +639,14 @@ def pool_shapes(vae: VAE, videos: int, cfg: UNetTrainConfig,
 
 def choose_batch_size(throughput: dict[int, dict[str, float]], within: float = 0.9) -> int:
     """Returns the smallest measured batch size whose clips/s is within `within` of the best one: more clips per
-    second buys little beyond it, while smaller batches give more updates per clip."""
-    best = max(r["clips_per_s"] for r in throughput.values())
-    return min(b for b, r in throughput.items() if r["clips_per_s"] >= within * best)
+    second buys little beyond it, while smaller batches give more updates per clip. Sizes that failed (out of
+    memory) are never chosen; if all failed, this exits naming them, before the run is recorded."""
+    ran = {b: r for b, r in throughput.items() if "failed" not in r and r["clips_per_s"] > 0}
+    if not ran:
+        failures = "; ".join(f"{b}: {r.get('failed', 'no clips/s')}" for b, r in throughput.items())
+        raise SystemExit(f"no batch size ran ({failures}): pass smaller --batch-sizes (the pool is kept).")
+    best = max(r["clips_per_s"] for r in ran.values())
+    return min(b for b, r in ran.items() if r["clips_per_s"] >= within * best)
 
 
 def scaled_learning_rate(batch_size: int, base_rate: float, base_batch: int) -> float:
