@@ -323,3 +323,12 @@ def test_paired_bootstrap_skips_and_counts_nan_pairs_without_warnings():
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
     assert "| 4 | +3.50 [+" in rows["m"], f"table row of 4 pairs, mean +3.50: {rows['m']}"
     assert "+6.00 [n/a]" in rows["one"] and rows["none"].endswith("| 0 | n/a |"), f"table:\n{table}"
+
+
+def test_scores_are_the_same_from_worker_processes_and_keep_each_method_and_pair_apart():
+    seeds, truth = bench.held_out(3)
+    videos = {bench.CROSSFADE: bench.crossfades(truth), "truth": truth, "two pairs": truth[:2]}
+    serial = bench.score_pairs(videos, seeds, workers=1)
+    np.testing.assert_equal(bench.score_pairs(videos, seeds, workers=2), serial)  # NaN equals NaN here
+    assert len(serial["two pairs"]["psnr"]) == 2
+    assert serial["truth"]["track_3px"] != serial[bench.CROSSFADE]["track_3px"], "negative control: rows differ"

@@ -7,8 +7,11 @@ and each method's pair-by-pair difference to the cross-fade with a bootstrap int
 
 from __future__ import annotations
 
+import concurrent.futures
+import itertools
 import logging
 import math
+import multiprocessing
 import os
 import time
 from pathlib import Path
@@ -80,14 +83,33 @@ def generate(pipeline, truth: np.ndarray, methods: Sequence[str], *, key: jax.Ar
     return out
 
 
+def _score_one(video: np.ndarray, seed: int, cfg: world.WorldConfig) -> dict[str, float]:
+    scores = metrics.score_video(video, world.sample_scene(seed, cfg), cfg)
+    return {name: float(scores[name]) for name in SCORES}
+
+
 def score_pairs(videos: dict[str, np.ndarray], seeds: Sequence[int],
-                cfg: world.WorldConfig = world.WorldConfig()) -> dict[str, dict[str, list[float]]]:
+                cfg: world.WorldConfig = world.WorldConfig(),
+                workers: int | None = None) -> dict[str, dict[str, list[float]]]:
     """Returns {method: {score: one value per pair}} of the in-between frames (all but the keyframes); NaN where a
-    pair has no value (path error when no sprite was found), so that methods can be compared pair by pair."""
-    per_pair = {}
-    for method, batch in videos.items():
-        rows = [metrics.score_video(v, world.sample_scene(seed, cfg), cfg) for v, seed in zip(batch, seeds)]
-        per_pair[method] = {name: [float(r[name]) for r in rows] for name in SCORES}
+    pair has no value (path error when no sprite was found), so that methods can be compared pair by pair.
+
+    The videos are scored in `workers` processes (default: one per core, up to 16, when there are 32 videos or
+    more; 1 scores here). Scoring is numpy alone, so the values do not depend on the number of workers.
+    """
+    counts = {method: min(len(batch), len(seeds)) for method, batch in videos.items()}
+    jobs = [(video, seed) for batch in videos.values() for video, seed in zip(batch, seeds)]
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 16) if len(jobs) >= 32 else 1
+    if workers > 1:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows = list(pool.map(_score_one, *zip(*jobs), itertools.repeat(cfg), chunksize=4))
+    else:
+        rows = [_score_one(video, seed, cfg) for video, seed in jobs]
+    per_pair, rows = {}, iter(rows)
+    for method in videos:
+        scored = [next(rows) for _ in range(counts[method])]
+        per_pair[method] = {name: [r[name] for r in scored] for name in SCORES}
     return per_pair
 
 
