@@ -222,6 +222,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser, *, demo: bool) -> None:
                              "world's 7, the only one the toy model was trained on")
     parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
                         help="parameter dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    parser.add_argument("--set", dest="options", action="append", default=[], metavar="NAME=VALUE",
+                        help="a config field given to every chosen method, e.g. --set max_guidance_scale=2.0 for an "
+                             "ablation (each method must have it); repeatable")
     if demo:
         parser.add_argument("--out-dir", default="demo", help="where the videos, sheets and metrics go (demo/)")
         parser.add_argument("--pairs", type=int, default=1, help="held-out keyframe pairs (default 1)")
@@ -234,7 +237,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser, *, demo: bool) -> None:
 
 def check_bench_arguments(args: argparse.Namespace) -> None:
     """Checks the options of `demo` and `toybench` (see `add_bench_arguments`)."""
-    from jinbetween.pipeline import weights_info
+    from jinbetween.pipeline import check_method_options, weights_info
     from jinbetween.toyworld.world import SPLITS
 
     if args.steps is not None:
@@ -247,6 +250,9 @@ def check_bench_arguments(args: argparse.Namespace) -> None:
         checks.integer(args.batch_size, "--batch-size", "the pairs generated at once", minimum=1, example=25)
         if args.out:
             checks.output_file(args.out, "--out", (".json",), "the benchmark record")
+    options = parse_options(args.options)
+    for method in args.methods:
+        check_method_options(method, options)
     weights_info(args.weights)
     if args.backward_delta:
         checks.input_path(Path(args.backward_delta) / "delta.json", "--backward-delta", "the backward delta's "
@@ -283,7 +289,8 @@ def run_demo(args: argparse.Namespace) -> None:
     from jinbetween.toyworld import bench
 
     record = bench.demo(_bench_pipeline(args), args.out_dir, pairs=args.pairs, methods=args.methods,
-                        num_steps=args.steps, seed=args.seed, method_fps=args.method_fps)
+                        num_steps=args.steps, seed=args.seed, method_fps=args.method_fps,
+                        options=parse_options(args.options))
     print(bench.markdown_table(record["scores"]))
     print(f"\nDifference to the cross-fade, pair by pair:\n\n{bench.difference_table(record['versus_crossfade'])}")
     print(f"wrote the videos, contact sheet(s) and metrics.md to {args.out_dir}/")
@@ -297,7 +304,8 @@ def run_toybench(args: argparse.Namespace) -> None:
             atomic.write_json(args.out, record)
 
     record = bench.toybench(_bench_pipeline(args), args.pairs, args.methods, seed=args.seed, num_steps=args.steps,
-                            batch_size=args.batch_size, method_fps=args.method_fps, on_update=save)
+                            batch_size=args.batch_size, method_fps=args.method_fps,
+                            options=parse_options(args.options), on_update=save)
     print(bench.markdown_table(record["scores"]))
     print(f"\nDifference to the cross-fade, pair by pair:\n\n{bench.difference_table(record['versus_crossfade'])}")
     if args.out:

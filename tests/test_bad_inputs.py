@@ -135,6 +135,10 @@ CASES = [
     ("toybench-out-txt", ["toybench", "--out", "{T}/bench.txt"], ["--out", ".json"]),
     ("toybench-batch-zero", [*TOYBENCH, "--batch-size", "0"], ["--batch-size 0"]),
     ("toybench-pairs-too-many", [*TOYBENCH, "--pairs", "20000"], ["--pairs 20000", "≤ 10000"]),
+    ("toybench-set-unknown-field", [*TOYBENCH, "--set", "no_such_field=1"], ["no_such_field", "choose among"]),
+    ("demo-set-field-one-method-lacks", [*DEMO, "--methods", "trf", "gi", "--set", "faithful=true"],
+     ["gi has no option", "faithful"]),
+    ("toybench-set-not-name-value", [*TOYBENCH, "--set", "max_guidance_scale"], ["NAME=VALUE"]),
     # verify
     ("verify-missing", ["verify", "{T}/nowhere"], ["does not exist"]),
     ("verify-no-hashes", ["verify", "{T}/occupied"], ["records no file hashes"]),

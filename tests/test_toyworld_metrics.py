@@ -332,3 +332,23 @@ def test_scores_are_the_same_from_worker_processes_and_keep_each_method_and_pair
     np.testing.assert_equal(bench.score_pairs(videos, seeds, workers=2), serial)  # NaN equals NaN here
     assert len(serial["two pairs"]["psnr"]) == 2
     assert serial["truth"]["track_3px"] != serial[bench.CROSSFADE]["track_3px"], "negative control: rows differ"
+
+
+def test_generate_gives_the_options_to_every_method_and_each_batch():
+    class RecordingPipeline:
+        def __init__(self):
+            self.calls = []
+
+        def interpolate(self, starts, ends, **kwargs):
+            self.calls.append(kwargs)
+            return np.stack(starts)[:, None].repeat(3, axis=1)
+
+    truth = np.zeros((3, 3, 4, 4, 3), np.uint8)
+    pipeline = RecordingPipeline()
+    videos = bench.generate(pipeline, truth, ("gi", "vibid"), key=None, batch_size=2,
+                            options={"max_guidance_scale": 2.0})
+    assert [c["method"] for c in pipeline.calls] == ["gi", "gi", "vibid", "vibid"]
+    assert all(c["max_guidance_scale"] == 2.0 for c in pipeline.calls)
+    assert {name: v.shape for name, v in videos.items()} == {"gi": (3, 3, 4, 4, 3), "vibid": (3, 3, 4, 4, 3)}
+    bench.generate(pipeline := RecordingPipeline(), truth, ("gi",), key=None)
+    assert "max_guidance_scale" not in pipeline.calls[0], "no options: the method's own config"

@@ -15,7 +15,7 @@ import multiprocessing
 import os
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -64,9 +64,11 @@ def round_trips(pipeline, truth: np.ndarray) -> np.ndarray:
 
 
 def generate(pipeline, truth: np.ndarray, methods: Sequence[str], *, key: jax.Array, num_steps: int | None = None,
-             batch_size: int = 16, fps: float | None = world.WorldConfig.fps) -> dict[str, np.ndarray]:
+             batch_size: int = 16, fps: float | None = world.WorldConfig.fps,
+             options: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
     """Returns {method: uint8 `[N, F, H, W, 3]`}: each method's video between the first and last frames of `truth`
-    (`[N, F, H, W, 3]`); pair i uses `fold_in(key, i)` whatever the batch size.
+    (`[N, F, H, W, 3]`); pair i uses `fold_in(key, i)` whatever the batch size. `options`: config fields given to
+    every method (an ablation; default none).
 
     Every method is conditioned on `fps`, by default the toy world's frame rate: the only one the toy model saw in
     training, where a method's own default (MPD's 9) would be a time id it never saw. None: each method's own.
@@ -76,7 +78,7 @@ def generate(pipeline, truth: np.ndarray, methods: Sequence[str], *, key: jax.Ar
         start = time.perf_counter()
         parts = [pipeline.interpolate(list(truth[i:i + batch_size, 0]), list(truth[i:i + batch_size, -1]),
                                       method=method, key=key, first_index=i, num_frames=truth.shape[1],
-                                      num_inference_steps=num_steps, fps=fps)
+                                      num_inference_steps=num_steps, fps=fps, **(options or {}))
                  for i in range(0, len(truth), batch_size)]
         out[method] = np.concatenate(parts)
         log.info("%s: %d pairs in %.1f s", method, len(truth), time.perf_counter() - start)
@@ -208,15 +210,18 @@ def _conditioning_fps(methods: Sequence[str], cfg: world.WorldConfig, method_fps
 
 def toybench(pipeline, n: int = 50, methods: Sequence[str] = METHODS, *, seed: int = 0,
              num_steps: int | None = None, batch_size: int = 16, cfg: world.WorldConfig = world.WorldConfig(),
-             method_fps: bool = False, on_update: Callable[[dict], None] = lambda record: None) -> dict:
+             method_fps: bool = False, options: Mapping[str, Any] | None = None,
+             on_update: Callable[[dict], None] = lambda record: None) -> dict:
     """Returns the benchmark record: settings (with the fps each method was conditioned on: the world's, or with
     `method_fps` each method's own), per-method generation seconds (compilation included), the score table on `n`
     pairs, with the cross-fade baseline and the VAE round trip of the truth (a ceiling), every pair's scores
     (`per_pair`), and every other row's difference to the cross-fade with its 95% interval (`versus_crossfade`,
-    `paired_bootstrap`, the round trip included); `on_update` gets the record so far after each method."""
+    `paired_bootstrap`, the round trip included); `options` are config fields given to every method (recorded);
+    `on_update` gets the record so far after each method."""
     seeds, truth = held_out(n, cfg)
     record = {"pairs": n, "seed": seed, "num_steps": num_steps or "method defaults", "batch_size": batch_size,
-              "fps": _conditioning_fps(methods, cfg, method_fps), "backend": jax.default_backend(),
+              "fps": _conditioning_fps(methods, cfg, method_fps), "options": dict(options or {}),
+              "backend": jax.default_backend(),
               "device": str(jax.devices()[0].device_kind), "seconds": {}, "scores": {}, "per_pair": {},
               "versus_crossfade": {}}
 
@@ -229,7 +234,7 @@ def toybench(pipeline, n: int = 50, methods: Sequence[str] = METHODS, *, seed: i
     for method in methods:
         start = time.perf_counter()
         videos = generate(pipeline, truth, (method,), key=jax.random.key(seed), num_steps=num_steps,
-                          batch_size=batch_size, fps=record["fps"][method])
+                          batch_size=batch_size, fps=record["fps"][method], options=options)
         record["seconds"][method] = round(time.perf_counter() - start, 2)
         add(score_pairs(videos, seeds, cfg))
         on_update(record)
@@ -250,11 +255,11 @@ def contact_sheet(rows: dict[str, np.ndarray], every: int = 1, label_width: int 
 
 def demo(pipeline, out_dir: str | os.PathLike, *, pairs: int = 1, methods: Sequence[str] = METHODS,
          num_steps: int | None = None, seed: int = 0, cfg: world.WorldConfig = world.WorldConfig(),
-         method_fps: bool = False) -> dict:
+         method_fps: bool = False, options: Mapping[str, Any] | None = None) -> dict:
     """Writes, for `pairs` held-out keyframe pairs: each method's video (`PAIR_METHOD.gif`, at the world's frame
     rate), a contact sheet per pair (ground truth, cross-fade, then one row per method) and `metrics.md` /
-    `metrics.json`; returns the record of `metrics.json`: {"pairs": seeds, "fps": as in `toybench`, "scores",
-    "versus_crossfade"}. With one pair the differences have no interval."""
+    `metrics.json`; returns the record of `metrics.json`: {"pairs": seeds, "fps": as in `toybench`, "options",
+    "scores", "versus_crossfade"}. With one pair the differences have no interval."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds, truth = held_out(pairs, cfg)
@@ -262,7 +267,7 @@ def demo(pipeline, out_dir: str | os.PathLike, *, pairs: int = 1, methods: Seque
     videos = {CROSSFADE: crossfades(truth)}
     for method in methods:
         videos.update(generate(pipeline, truth, (method,), key=jax.random.key(seed), num_steps=num_steps,
-                               fps=fps[method]))
+                               fps=fps[method], options=options))
     for i, scene_seed in enumerate(seeds):
         rows = {TRUTH: truth[i], **{name: batch[i] for name, batch in videos.items()}}
         for name, frames in rows.items():
@@ -270,11 +275,12 @@ def demo(pipeline, out_dir: str | os.PathLike, *, pairs: int = 1, methods: Seque
         with atomic.replacing(out_dir / f"{scene_seed}_sheet.png") as temporary:
             contact_sheet(rows).save(temporary, format="PNG")
     per_pair = score_pairs(videos, seeds, cfg)
-    record = {"pairs": seeds, "fps": fps, "scores": mean_scores(per_pair),
+    record = {"pairs": seeds, "fps": fps, "options": dict(options or {}), "scores": mean_scores(per_pair),
               "versus_crossfade": paired_bootstrap(per_pair)}
     atomic.write_json(out_dir / "metrics.json", record)
     atomic.write_text(out_dir / "metrics.md", (
-        f"In-between frames of {pairs} held-out pair(s), seeds {seeds}, conditioned on fps {fps}.\n\n"
+        f"In-between frames of {pairs} held-out pair(s), seeds {seeds}, conditioned on fps {fps}"
+        f"{f', with {dict(options)}' if options else ''}.\n\n"
         f"{markdown_table(record['scores'])}\n\nDifference to the cross-fade, pair by pair:\n\n"
         f"{difference_table(record['versus_crossfade'])}\n"))
     return record
