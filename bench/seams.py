@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -22,8 +23,10 @@ from jinbetween.pipeline import Pipeline
 from jinbetween.toyworld import metrics, world
 
 
-def measure(pipe: Pipeline, seeds: list[int], keyframes: int, method: str, steps: int, key: jax.Array) -> dict:
-    """Returns per-scene seam scores of the truth and of each seam, and their means over the scenes."""
+def measure(pipe: Pipeline, seeds: list[int], keyframes: int, method: str, steps: int, key: jax.Array,
+            on_update: Callable[[dict], None] = lambda record: None) -> dict:
+    """Returns per-scene seam scores of the truth and of each seam, and their means over the scenes; `on_update`
+    gets the record of the scenes done so far after each scene."""
     segment_frames = pipe.unet.config.num_frames
     cfg = world.WorldConfig(num_frames=(keyframes - 1) * (segment_frames - 1) + 1)
     counts = [segment_frames - 1] * (keyframes - 1)
@@ -46,11 +49,17 @@ def measure(pipe: Pipeline, seeds: list[int], keyframes: int, method: str, steps
         scenes.append(record)
         print(seed, {name: {k: round(record[name][k], 3) for k in ("difference_ratio", "acceleration_ratio")}
                      for name in ("truth", *sequence.SEAMS)}, flush=True)
+        on_update(_record(scenes, method, steps, keyframes, segment_frames, cfg))
+    return _record(scenes, method, steps, keyframes, segment_frames, cfg)
+
+
+def _record(scenes: list[dict], method: str, steps: int, keyframes: int, segment_frames: int,
+            cfg: world.WorldConfig) -> dict:
     means = {name: {score: float(np.mean([s[name][score] for s in scenes])) for score in scenes[0][name]}
              for name in ("truth", *sequence.SEAMS)}
     return {"method": method, "steps": steps, "keyframes": keyframes, "segment_frames": segment_frames,
             "frames": cfg.num_frames, "size": [cfg.height, cfg.width], "backend": jax.default_backend(),
-            "scenes": scenes, "mean": means}
+            "device": str(jax.devices()[0].device_kind), "scenes": scenes, "mean": means}
 
 
 def main() -> None:
@@ -60,10 +69,14 @@ def main() -> None:
     parser.add_argument("--method", default="gi", help="inbetweening method (default gi)")
     parser.add_argument("--steps", type=int, default=10, help="denoising steps (default 10)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="write the record as JSON here")
+    parser.add_argument("--out", help="write the record as JSON here (after every scene)")
     args = parser.parse_args()
+    def save(record: dict) -> None:
+        if args.out:
+            atomic.write_json(args.out, record)
+
     record = measure(Pipeline.from_pretrained(), world.split_seeds("test", args.scenes), args.keyframes, args.method,
-                     args.steps, jax.random.key(args.seed))
+                     args.steps, jax.random.key(args.seed), on_update=save)
     for name, means in record["mean"].items():
         print(f"{name:>9}: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
     if args.out:
