@@ -137,6 +137,37 @@ def add_video_arguments(parser: argparse.ArgumentParser, *, out: bool = True) ->
     add_verify_argument(parser)
 
 
+PRECISIONS = ("full", "fp8")
+
+
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", choices=PRECISIONS, default="full",
+                        help="full (default): every product in the parameter dtype; fp8: the UNet's large matmuls and "
+                             "convolutions in FP8 on a Hopper GPU, scaled by a short calibration run on the first "
+                             "keyframes (README, 'FP8')")
+
+
+def check_precision(args: argparse.Namespace) -> None:
+    from jinbetween import hardware
+
+    if args.precision == "fp8" and not hardware.hopper_gpu():
+        import jax
+
+        capability = hardware.gpu_compute_capability()
+        here = (f"a GPU of compute capability {'.'.join(map(str, capability)) if capability else 'unknown'}"
+                if jax.default_backend() == "gpu" else f"the {jax.default_backend()} backend")
+        raise ConfigError(f"--precision fp8 needs an NVIDIA GPU of compute capability 9.0 or newer (H100, H200) for "
+                          f"its FP8 tensor cores; this is {here}: use --precision full.")
+
+
+def with_precision(pipe, args: argparse.Namespace, start, end, **settings):
+    """Returns `pipe`, or with `--precision fp8` the pipeline with an FP8 UNet calibrated on `start`→`end`."""
+    if args.precision != "fp8":
+        return pipe
+    logging.getLogger(__name__).info("calibrating FP8 scales on a 4-step %s run", settings.get("method", "vibid"))
+    return pipe.with_fp8_unet(start, end, **settings)
+
+
 def add_verify_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="load the weights without checking their files against the sha256 recorded beside "
@@ -225,6 +256,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser, *, demo: bool) -> None:
     parser.add_argument("--set", dest="options", action="append", default=[], metavar="NAME=VALUE",
                         help="a config field given to every chosen method, e.g. --set max_guidance_scale=2.0 for an "
                              "ablation (each method must have it); repeatable")
+    add_precision_argument(parser)
     if demo:
         parser.add_argument("--out-dir", default="demo", help="where the videos, sheets and metrics go (demo/)")
         parser.add_argument("--pairs", type=int, default=1, help="held-out keyframe pairs (default 1)")
@@ -257,6 +289,7 @@ def check_bench_arguments(args: argparse.Namespace) -> None:
     if args.backward_delta:
         checks.input_path(Path(args.backward_delta) / "delta.json", "--backward-delta", "the backward delta's "
                           "delta.json", folder=False)
+    check_precision(args)
 
 
 def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
@@ -276,12 +309,19 @@ def run_verify(args: argparse.Namespace) -> None:
 
 
 def _bench_pipeline(args: argparse.Namespace):
+    import jax
+
     from jinbetween.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(weights_or_default(args.weights),
                                     dtype=None if args.dtype == "auto" else DTYPES[args.dtype])
     if args.backward_delta:
         pipe.load_backward_delta(args.backward_delta)
+    if args.precision == "fp8":  # calibrated on a validation clip, never on the benchmark's test pairs
+        from jinbetween.toyworld import world
+
+        clip = world.video(world.split_seeds("validation", 1)[0])
+        pipe = with_precision(pipe, args, clip[0], clip[-1], method="vibid", fps=7, key=jax.random.key(0))
     return pipe
 
 
@@ -379,6 +419,7 @@ def add_interpolate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sheet", help="PNG contact sheet of the frames, a grid with each frame's index (default: "
                                         "beside --out, *_sheet.png)")
     add_method_arguments(parser)
+    add_precision_argument(parser)
     timing = parser.add_argument_group("timing of a sequence", "--num-frames sets the frames of every segment "
                                        "(keyframes included); --durations retimes each gap instead")
     timing.add_argument("--durations", nargs="+", type=float, metavar="SECONDS",
@@ -404,6 +445,7 @@ def check_interpolate_arguments(args: argparse.Namespace) -> None:
     for keyframe in args.keyframes[1:]:
         video.read_keyframe(keyframe)
     check_video_arguments(args, args.keyframes[0], min_frames=3)
+    check_precision(args)
     if args.durations is not None:
         info = weights_info(args.weights)
         sequence.gap_frames(args.durations, args.fps or METHODS[args.method].fps, args.num_frames or info.num_frames,
@@ -462,8 +504,13 @@ def run_interpolate(args: argparse.Namespace) -> None:
     if args.backward_delta:
         pipe.load_backward_delta(args.backward_delta, verify=args.verify)
     fps = args.fps or METHODS[args.method].fps
+    fitted = [video.fit_image(keyframe, height, width, args.resize) for keyframe in keyframes]
+    pipe = with_precision(pipe, args, fitted[0], fitted[1], method=args.method, key=jax.random.key(args.seed),
+                          num_frames=args.num_frames, fps=fps, motion_bucket_id=args.motion_bucket_id,
+                          noise_aug_strength=args.noise_aug_strength,
+                          allow_untrained_backward=args.allow_untrained_backward, **options)
     frames = pipe.interpolate_sequence(
-        [video.fit_image(keyframe, height, width, args.resize) for keyframe in keyframes], method=args.method,
+        fitted, method=args.method,
         key=jax.random.key(args.seed), num_frames=args.num_frames, durations=args.durations, seam=args.seam,
         num_inference_steps=args.steps, fps=fps, motion_bucket_id=args.motion_bucket_id,
         noise_aug_strength=args.noise_aug_strength, decode_chunk_size=args.decode_chunk_size, progress=True,
@@ -507,6 +554,7 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
                         help="video format of lines without an \"out\" (default mp4)")
     add_video_arguments(parser, out=False)
     add_method_arguments(parser)
+    add_precision_argument(parser)
     parser.add_argument("--batch-size", type=int,
                         help="pairs generated at once, split evenly over the devices: a multiple of the device count "
                              "(default: one per device; more for small models)")
@@ -537,6 +585,7 @@ def check_batch_arguments(args: argparse.Namespace) -> None:
     check_method_arguments(args)
     pairs = read_pairs(args.pairs, args.format)
     check_video_arguments(args, str(pairs[0].start), min_frames=3)
+    check_precision(args)
 
 
 def read_pairs(path: str | Path, video_format: str = "mp4") -> list[PairLine]:
@@ -677,6 +726,12 @@ def run_batch(args: argparse.Namespace) -> None:
 
     def fitted(line: PairLine) -> list:
         return [video.fit_image(video.read_keyframe(p), height, width, args.resize) for p in line.keyframes]
+
+    first = fitted(mine[0])
+    pipe = with_precision(pipe, args, first[0], first[1], method=args.method, key=jax.random.key(args.seed),
+                          num_frames=args.num_frames, fps=fps, motion_bucket_id=args.motion_bucket_id,
+                          noise_aug_strength=args.noise_aug_strength,
+                          allow_untrained_backward=args.allow_untrained_backward, **options)
 
     def videos():
         """Each line's video in file order, the line at index i keyed `fold_in(key, i)` or by its own seed: each run

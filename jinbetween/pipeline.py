@@ -182,6 +182,27 @@ class Pipeline:
         checked against the sha256 in its delta.json unless `verify=False`."""
         self.backward_delta = load_delta(path, self.unet.config, verify=verify)
 
+    def with_unet(self, unet: UNet) -> "Pipeline":
+        """Returns a pipeline with `unet` and this one's VAE, image encoder, settings and backward delta."""
+        return Pipeline(unet, self.vae, self.image_encoder, clip_mean=self.clip_mean, clip_std=self.clip_std,
+                        sigma_min=self.sigma_min, sigma_max=self.sigma_max, default_size=self.default_size,
+                        backward_delta=self.backward_delta)
+
+    def with_fp8_unet(self, start: ImageLike | Sequence[ImageLike], end: ImageLike | Sequence[ImageLike], *,
+                      method: str = "vibid", num_inference_steps: int = 4, key: jax.Array | None = None,
+                      **settings: Any) -> "Pipeline":
+        """Returns this pipeline with its UNet in FP8 (`jinbetween.models.fp8`): the input scales are the maxima
+        over the UNet calls of one `method` run from `start` to `end` (`interpolate`'s keyword `settings`) with
+        this UNet. On a GPU before Hopper, or off GPU, FP8's values are computed in the parameter dtype: the
+        same results at no gain in speed, for measuring FP8's error (`precision="fp8"` in the CLI refuses it)."""
+        from jinbetween.models import fp8
+
+        def run(unet: UNet) -> None:
+            self.with_unet(unet).interpolate(start, end, method=method, num_inference_steps=num_inference_steps,
+                                             key=key, output="latent", **settings)
+
+        return self.with_unet(fp8.quantize_unet(self.unet, fp8.calibrate(self.unet, run)))
+
     @property
     def size_multiple(self) -> int:
         """Video height and width must be multiples of this (64 for SVD: VAE ×8, UNet ×8)."""
