@@ -21,7 +21,9 @@ set otherwise; methods at their defaults (`--steps` overrides, for smoke runs). 
 (compile seconds apart), then the median of `--repeats` calls after one warm-up call; run cases time the
 keyframe encoding and the decode (first call apart, then `--run-repeats` calls) and `--run-repeats` executions
 of the sampler, compiled ahead of time. Options: `:attention=xla` / `:shortcut=0` / `:feedforward=pallas` /
-`:temporal=xla|pallas` switch the UNet's kernels, `:xla=PRESET` adds XLA flags (XLA_PRESETS), `:decode_chunks=8+all`
+`:temporal=xla|pallas` switch the UNet's kernels, `:precision=fp8` runs its large products in FP8
+(`jinbetween.models.fp8`, calibrated on the case's own first call or a 4-step run; a UNet case also reports the
+relative error of its output against the full-precision forward), `:xla=PRESET` adds XLA flags (XLA_PRESETS), `:decode_chunks=8+all`
 decodes a run with each chunk size in turn, `:maps=capture` / `:maps=inject` time a JAX UNet case as GI's two
 directions run it (capturing every temporal layer's attention maps; taking them instead of computing its own);
 a case may take several options, comma-separated.
@@ -74,8 +76,8 @@ XLA_PRESETS = {
 }
 # Options a case accepts, by kind (jinbetween's UNet switches apply wherever its UNet runs).
 _UNET_OPTIONS = {"attention", "shortcut", "feedforward", "temporal", "xla"}
-CASE_OPTIONS = {"unet": _UNET_OPTIONS | {"maps"}, "vae": {"lean", "chunk", "xla"},
-                "profile": _UNET_OPTIONS | {"maps"}, "run": _UNET_OPTIONS | {"decode_chunks", "progress"}}
+CASE_OPTIONS = {"unet": _UNET_OPTIONS | {"maps", "precision"}, "vae": {"lean", "chunk", "xla"},
+                "profile": _UNET_OPTIONS | {"maps"}, "run": _UNET_OPTIONS | {"decode_chunks", "progress", "precision"}}
 METHOD_NAMES = ("i2v", "gi", "trf", "mpd", "mpd-seq", "vibid", "mr-catr")
 
 
@@ -102,6 +104,8 @@ def parse_case(text: str) -> tuple[str, str, str, dict[str, str]]:
                          f"{sorted(CASE_OPTIONS[kind])}")
     if "xla" in options and options["xla"] not in XLA_PRESETS:
         raise SystemExit(f"case {text!r}: unknown XLA preset {options['xla']!r}; choose one of {sorted(XLA_PRESETS)}")
+    if options.get("precision", "full") not in ("full", "fp8") or ("precision" in options and impl != "jax"):
+        raise SystemExit(f"case {text!r}: precision=full or precision=fp8, on JAX cases")
     if options.get("maps", "capture") not in ("capture", "inject") or ("maps" in options and impl != "jax"):
         raise SystemExit(f"case {text!r}: maps=capture or maps=inject, on JAX cases (diffusers has no GI)")
     return kind, impl, target, options
@@ -293,15 +297,23 @@ def counted_decode_flops(sizes: Sizes, chunk: int, lean: bool) -> float:
     return count_flops(lambda s, z: _decode_video(graphdef, s, z, chunk), state, latents).total
 
 
-def jax_unet(sizes: Sizes, batch: int, repeats: int, maps: str | None = None) -> dict:
+def jax_unet(sizes: Sizes, batch: int, repeats: int, maps: str | None = None, precision: str = "full") -> dict:
     import jax
+    import jax.numpy as jnp
     from flax import nnx
 
     from jinbetween.models import abstract_unet
 
     unet = random_module(abstract_unet(sizes.unet), 0, jax_dtype(sizes))
-    graphdef, state = nnx.split(unet)
     inputs = unet_inputs(sizes, batch)
+    reference = None
+    if precision == "fp8":
+        from jinbetween.models import fp8, unet_apply
+
+        apply = jax.jit(unet_apply, static_argnums=0)
+        reference = apply(*nnx.split(unet), *inputs)[0]
+        unet = fp8.quantize_unet(unet, fp8.calibrate(unet, lambda probed: apply(*nnx.split(probed), *inputs)))
+    graphdef, state = nnx.split(unet)
     forward, extra = unet_forward(graphdef, state, inputs, maps)
     extra = tuple(random_maps(shapes) for shapes in extra)
     start = time.perf_counter()
@@ -309,6 +321,10 @@ def jax_unet(sizes: Sizes, batch: int, repeats: int, maps: str | None = None) ->
     compile_s = time.perf_counter() - start
     result = {"compile_s": compile_s,
               **timed_calls(lambda: jax.block_until_ready(compiled(state, *inputs, *extra)), repeats)}
+    if reference is not None:
+        v = compiled(state, *inputs, *extra)[0]
+        result["relative_error_vs_full"] = float(jnp.linalg.norm((v - reference).astype(jnp.float32))
+                                                 / jnp.linalg.norm(reference.astype(jnp.float32)))
     return with_rate(result, counted_unet_flops(sizes, batch, maps))
 
 
@@ -425,6 +441,9 @@ def jax_run(sizes: Sizes, method: str, options: dict, repeats: int, steps: int |
     rng = np.random.default_rng(0)
     keyframes = rng.integers(0, 256, (2, 1, sizes.height, sizes.width, 3), dtype=np.uint8)
     progress = options.get("progress", "0") == "1"
+    if options.get("precision") == "fp8":
+        pipe = pipe.with_fp8_unet(keyframes[0, 0], keyframes[1, 0], method="vibid" if method == "i2v" else method,
+                                  num_frames=sizes.frames, key=jax.random.key(2))
     aug_keys, sample_keys = _sample_keys(jax.random.key(1), 0, 1)
     if method == "i2v":
         cfg = I2VConfig(num_frames=sizes.frames, num_steps=steps or 25)
@@ -781,7 +800,8 @@ def run_case(case: str, args) -> dict:
         import jax.numpy as jnp
 
         if kind == "unet":
-            result = jax_unet(sizes, int(target.removeprefix("b")), args.repeats, options.get("maps"))
+            result = jax_unet(sizes, int(target.removeprefix("b")), args.repeats, options.get("maps"),
+                              options.get("precision", "full"))
         elif kind == "vae":
             result = jax_vae(sizes, options, args.repeats)
         elif kind == "run":

@@ -30,8 +30,8 @@ def reports(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("perf")
     # The model and profile cases run in the driver's process (--in-process, quicker); the runs each in its own,
     # as on the GPU.
-    models = run_set(tmp_path, "models", ["unet/jax/b2", "unet/jax/b2:maps=inject", "unet/torch-eager/b2", "vae/jax",
-                                          "vae/torch-eager"], "--in-process")
+    models = run_set(tmp_path, "models", ["unet/jax/b2", "unet/jax/b2:maps=inject", "unet/jax/b2:precision=fp8",
+                                          "unet/torch-eager/b2", "vae/jax", "vae/torch-eager"], "--in-process")
     runs = run_set(tmp_path, "samplers", ["run/jax/gi:decode_chunks=2+all", "run/jax/i2v", "run/torch-eager/i2v",
                                           "run/jax/mr-catr"], "--steps", "2")
     profile = run_set(tmp_path, "profile", ["profile/jax/unet-b2", "profile/torch-eager/unet-b2"],
@@ -52,6 +52,9 @@ def test_model_cases_report_times_memory_fields_and_counted_flops(reports):
     assert models["vae/jax"]["lean_decode"] is True
     # GI's injecting direction skips its temporal layers' queries and keys.
     assert models["unet/jax/b2:maps=inject"]["flops"] < jax_unet["flops"]
+    # FP8 (emulated on the CPU): the same products, rounded through e4m3, a few of its steps (2^-4) off at most.
+    fp8 = models["unet/jax/b2:precision=fp8"]
+    assert fp8["flops"] == jax_unet["flops"] and 1e-4 < fp8["relative_error_vs_full"] < 0.25, fp8
 
 
 def test_run_cases_time_whole_pipeline_calls(reports):
