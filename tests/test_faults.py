@@ -21,8 +21,8 @@ from flax import nnx
 from PIL import Image
 from safetensors.numpy import load_file
 
-from jinbetween import Pipeline, atomic, cli, data, integrity
-from jinbetween.errors import ConfigError, DivergedError, IntegrityError, NonFiniteWeightsError
+from jinbetween import Pipeline, atomic, cli, config, data, integrity
+from jinbetween.errors import ConfigError, CorruptWeightsError, DivergedError, IntegrityError, NonFiniteWeightsError
 from jinbetween.finetune import LOG_FILE, RunConfig, TrainConfig, finetune
 from jinbetween.models import naming
 from jinbetween.samplers import Draws, StepProgram
@@ -316,6 +316,23 @@ def test_hashes_are_cached_by_size_and_time_and_changes_are_rehashed(converted, 
     manifest.verify_component(copy, "vae", "VAE")
     manifest.verify_component(copy, "vae", "VAE")
     assert hashed[before:].count(fresh.resolve()) == 2
+
+
+@pytest.mark.parametrize("content, complaint", [('{"format_version": 99}', "has format_version 99, this jinbetween "
+                                                 "reads 1"), ("[1]", "has format_version None"),
+                                                ('{"format_', "is unreadable")],
+                         ids=["other_version", "not_an_object", "truncated"])
+@pytest.mark.parametrize("record, read, fix", [
+    (MANIFEST, manifest.read_manifest, "convert the weights again"),
+    ("delta.json", lambda folder: load_delta(folder, config.tiny()), "write the delta again"),
+], ids=["manifest", "delta"])
+def test_a_bad_versioned_record_is_refused_naming_the_file_and_the_fix(tmp_path, record, read, fix, content,
+                                                                       complaint):
+    (tmp_path / record).write_text(content)
+    with pytest.raises(CorruptWeightsError) as raised:
+        read(tmp_path)
+    message = str(raised.value)
+    assert f"{tmp_path / record} {complaint}" in message and message.endswith(f"; {fix}."), message
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ The GI conversion (`convert_weights.py --gi-unet`) and the fine-tune both write 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -27,7 +26,8 @@ from jinbetween.models.delta import check_delta, delta_between, delta_keys, delt
 from jinbetween.models.naming import Path_, flat_params, torch_key
 from jinbetween.models.unet import abstract_unet
 from jinbetween.weights.loading import UNET_COMPONENT, _listing, _read_json, component_folder, convert_tensors
-from jinbetween.weights.manifest import MANIFEST, check_out_dir, read_manifest, record_in_manifest, updating
+from jinbetween.weights.manifest import (MANIFEST, check_out_dir, read_manifest, read_versioned_record,
+                                        record_in_manifest, updating)
 from jinbetween.weights.tensors import TensorSource
 
 log = logging.getLogger(__name__)
@@ -75,13 +75,7 @@ def load_delta(path: str | os.PathLike, cfg: UNetConfig, *, verify: bool = True)
             f"{path} holds no backward delta ({_META} missing). Convert GI's released UNet with "
             "`python convert_weights.py --gi-unet PATH/unet --gi-base stabilityai/stable-video-diffusion-img2vid "
             "--out weights/NAME`, or train one with `jinbetween finetune`.")
-    try:
-        record = json.loads((path / _META).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CorruptWeightsError(f"{path / _META} is unreadable ({err}); write the delta again.") from err
-    if record.get("format_version") != DELTA_FORMAT_VERSION:
-        raise CorruptWeightsError(f"{path} has delta format {record.get('format_version')}, this jinbetween reads "
-                                  f"{DELTA_FORMAT_VERSION}; write the delta again.")
+    record = read_versioned_record(path / _META, DELTA_FORMAT_VERSION, "write the delta again")
     shapes = delta_shapes(cfg)
     if sorted(record.get("keys", [])) != sorted(shapes):
         check_delta({k: np.zeros(0) for k in record.get("keys", [])}, cfg, str(path))

@@ -50,15 +50,23 @@ def flat_from_nested(tree: Mapping[str, Any], paths: Iterable[Path_]) -> dict[Pa
     return out
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
+def read_versioned_record(file: Path, version: int, fix: str) -> dict[str, Any]:
+    """Returns the JSON object in `file`, checked to carry `"format_version": version`; raises CorruptWeightsError
+    naming `file` and `fix` (what to do, e.g. "convert the weights again") if it is unreadable, not an object, or of
+    another format version."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
+        record = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise CorruptWeightsError(f"{folder / MANIFEST} is unreadable ({err}); convert the weights again.") from err
-    if manifest.get("format_version") != MANIFEST_VERSION:
-        raise CorruptWeightsError(f"{folder / MANIFEST} has format_version {manifest.get('format_version')}, this "
-                                  f"jinbetween reads {MANIFEST_VERSION}; convert the weights again.")
-    return manifest
+        raise CorruptWeightsError(f"{file} is unreadable ({err}); {fix}.") from err
+    found = record.get("format_version") if isinstance(record, dict) else None
+    if found != version:
+        raise CorruptWeightsError(f"{file} has format_version {found}, this jinbetween reads {version}; {fix}.")
+    return record
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """Returns the manifest of the converted dir `folder` (CorruptWeightsError if unreadable or of another version)."""
+    return read_versioned_record(folder / MANIFEST, MANIFEST_VERSION, "convert the weights again")
 
 
 def record_in_manifest(out_dir: Path, name: str, entry: dict[str, Any]) -> None:
