@@ -14,6 +14,7 @@ from jinbetween.errors import InputShapeError
 from jinbetween.models.activations import gelu_erf
 from jinbetween.models.attention import ATTENTION_KERNELS, resolve_attention_impl
 from jinbetween.models.layers import LayerNorm
+from jinbetween.models.state import abstract
 
 _ACTIVATIONS = {
     "gelu": gelu_erf,
@@ -126,4 +127,4 @@ class ImageEncoder(nnx.Module):
 
 def abstract_image_encoder(config: ImageEncoderConfig) -> ImageEncoder:
     """Returns an ImageEncoder whose parameters are ShapeDtypeStructs (no weights allocated)."""
-    return nnx.eval_shape(lambda: ImageEncoder(config, rngs=nnx.Rngs(0)))
+    return abstract(ImageEncoder, config)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Generic, TypeVar
+import functools
+from typing import Any, Generic, TypeVar
 
 import jax
 from flax import nnx
@@ -28,3 +29,18 @@ class ModelState(Generic[M]):
 
     def merge(self) -> M:
         return nnx.merge(self.graphdef, self.state)
+
+
+def abstract(cls: type[M], config: Any) -> M:
+    """Returns `cls(config)` with ShapeDtypeStructs for parameters (no weights allocated), a new module on each call.
+
+    The construction is traced once per (class, config) and copied after that: tracing every layer's parameter
+    draws takes seconds for a UNet (bench/NOTES.md), and a pipeline asks for its UNet's abstract twin more than once
+    (the conversion target, the backward delta's layers).
+    """
+    return nnx.merge(*_traced(cls, config), copy=True)
+
+
+@functools.lru_cache(maxsize=32)
+def _traced(cls: type[M], config: Any) -> tuple[nnx.GraphDef, nnx.State]:
+    return nnx.split(nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0))))

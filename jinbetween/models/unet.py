@@ -18,6 +18,7 @@ from jinbetween.errors import InputShapeError
 from jinbetween.models.attention import NO_CONTROL, AttnControl, name_temporal_attention, temporal_attention_modules
 from jinbetween.models.layers import Downsample2D, GroupNorm, TimestepEmbedding, Upsample2D, conv2d, sincos_embedding
 from jinbetween.models.resnet import SpatioTemporalResBlock
+from jinbetween.models.state import abstract
 from jinbetween.models.transformer import TransformerSpatioTemporalModel
 
 Maps = dict[str, jax.Array]
@@ -248,4 +249,4 @@ def unet_apply(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, c_noise:
 
 def abstract_unet(config: UNetConfig) -> UNet:
     """Returns a UNet whose parameters are ShapeDtypeStructs: the conversion target, no weights allocated."""
-    return nnx.eval_shape(lambda: UNet(config, rngs=nnx.Rngs(0)))
+    return abstract(UNet, config)

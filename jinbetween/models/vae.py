@@ -18,6 +18,7 @@ from jinbetween.errors import InputShapeError
 from jinbetween.models.attention import Attention
 from jinbetween.models.layers import Downsample2D, GroupNorm, TemporalConv, Upsample2D, conv2d
 from jinbetween.models.resnet import ResnetBlock2D, SpatioTemporalResBlock
+from jinbetween.models.state import abstract
 
 EPS = 1e-6
 TEMPORAL_EPS = 1e-5
@@ -306,4 +307,4 @@ def _decode_video(graphdef: nnx.GraphDef, state: nnx.State, latents: jax.Array, 
 
 def abstract_vae(config: VAEConfig) -> VAE:
     """Returns a VAE whose parameters are ShapeDtypeStructs: the conversion target, no weights allocated."""
-    return nnx.eval_shape(lambda: VAE(config, rngs=nnx.Rngs(0)))
+    return abstract(VAE, config)

@@ -52,7 +52,7 @@ from jinbetween import conditioning, denoiser
 from jinbetween.conditioning import Conditioning
 from jinbetween.config import VAEConfig
 from jinbetween.models import VAE, ImageEncoder, UNet
-from jinbetween.models.state import ModelState
+from jinbetween.models.state import ModelState, abstract
 from jinbetween.toyworld import models, world
 from jinbetween.weights import load_image_encoder, load_unet, load_vae
 
@@ -148,7 +148,7 @@ def _schedule(steps: int, warmup: int, peak: float, kind: str = "cosine") -> opt
 def with_config(module: nnx.Module, config) -> nnx.Module:
     """Returns `module`'s parameters under another config of the same architecture (a VAE's scaling factor, an
     attention kernel)."""
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: type(module)(config, rngs=nnx.Rngs(0))))
+    graphdef = nnx.graphdef(abstract(type(module), config))
     return nnx.merge(graphdef, nnx.state(module))
 
 
