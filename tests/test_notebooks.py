@@ -3,8 +3,9 @@ settings (`test_notebook_executes[...]`, a few minutes together); 03 (real SVD-X
 its code is compiled and every jinbetween name, call keyword and CLI option it uses is checked to exist and be public.
 
 The notebooks run in a kernel of this interpreter, in a temporary directory, with the small settings passed through
-the environment variables their `parameters` cell reads. They share one JAX compilation cache, so a program that two
-of them compile (GI at 1 step, keyframe encoding, decoding) is compiled once when they run one after the other.
+the environment variables their `parameters` cell reads. The kernels inherit the test run's JAX compilation cache
+(conftest.py), and this module's tests run one after the other in one worker, so a program that two notebooks compile
+(GI at 1 step, keyframe encoding, decoding) is compiled once.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _notebook(name: str) -> nbformat.NotebookNode:
 
 
 @pytest.fixture
-def notebook_env(tmp_path, tmp_path_factory, monkeypatch) -> Path:
+def notebook_env(tmp_path, monkeypatch) -> Path:
     """Returns the working dir; sets a kernel spec of this interpreter and the environment the kernel inherits."""
     jupyter = tmp_path / "jupyter"
     spec = jupyter / "kernels" / KERNEL
@@ -59,10 +60,7 @@ def notebook_env(tmp_path, tmp_path_factory, monkeypatch) -> Path:
         "display_name": "jinbetween tests", "language": "python"}))
     monkeypatch.setenv("JUPYTER_PATH", str(jupyter))
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
-    # One cache for every xdist worker of this run (their base temps share a parent), none left between runs.
-    base = tmp_path_factory.getbasetemp()
-    cache = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "notebook-jax-cache"
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(cache))
+    assert os.environ.get("JAX_COMPILATION_CACHE_DIR"), "conftest.py gives every process of the run one cache"
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     work = tmp_path / "work"
     work.mkdir()
