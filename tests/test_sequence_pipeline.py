@@ -87,7 +87,8 @@ def test_bad_sequences_are_refused_before_any_work(pipe, monkeypatch, keyframes,
     assert fragment in str(raised.value), str(raised.value)
 
 
-def test_cli_interpolate_and_batch_take_several_keyframes(tmp_path, capsys):
+def test_cli_interpolate_and_batch_take_several_keyframes(pipe, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(Pipeline, "from_pretrained", lambda *args, **kwargs: pipe)  # the same weights, loaded once
     for i in range(4):
         Image.fromarray(keyframe(i)).save(tmp_path / f"k{i}.png")
     common = ["--method", "vibid", "--steps", "2", "--num-frames", str(F), "--height", str(SIZE), "--width", str(SIZE),
