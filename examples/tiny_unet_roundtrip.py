@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import torch
+from flax import nnx
 
 import jinbetween as jb
 from jinbetween.weights import load_unet
@@ -45,7 +46,9 @@ def main() -> None:
     c_noise = np.array([1.6, 1.6], np.float32)                     # 0.25·ln σ at σ = 600
     image_embeds = rng.standard_normal((2, 1, 32)).astype(np.float32)
     added_time_ids = np.array([[6, 127, 0.02]] * 2, np.float32)
-    v, maps = unet(x, c_noise, image_embeds, added_time_ids, attn=jb.AttnControl.capture())
+    graphdef, params = nnx.split(unet)  # one compiled program: called eagerly, every layer's ops compile one by one
+    forward = jax.jit(lambda p, *a: jb.models.unet_apply(graphdef, p, *a, attn=jb.AttnControl.capture()))
+    v, maps = forward(params, x, c_noise, image_embeds, added_time_ids)
     with torch.no_grad():
         expected = reference(torch.from_numpy(x).permute(0, 1, 4, 2, 3), torch.from_numpy(c_noise),
                              torch.from_numpy(image_embeds), torch.from_numpy(added_time_ids)).sample

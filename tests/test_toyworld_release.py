@@ -44,7 +44,7 @@ def test_default_pipeline_is_the_shipped_toy_model_with_its_gi_delta(toy_pipelin
 
 def test_demo_writes_videos_a_contact_sheet_and_finite_image_metrics(tmp_path):
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--out-dir", str(out), "--steps", "2", "--methods", "gi", "trf"]) == 0
+    assert cli.main(["demo", "--out-dir", str(out), "--steps", "1", "--methods", "gi", "trf"]) == 0
     names = {p.name for p in out.iterdir()}
     seed = json.loads((out / "metrics.json").read_text())["pairs"][0]
     for name in ("ground_truth", "crossfade", "gi", "trf"):
@@ -66,7 +66,7 @@ def test_demo_writes_videos_a_contact_sheet_and_finite_image_metrics(tmp_path):
 
 def test_small_toybench_scores_every_method_and_the_crossfade(tmp_path):
     out = tmp_path / "bench.json"
-    assert cli.main(["toybench", "--pairs", "2", "--steps", "2", "--methods", "vibid", "--out", str(out)]) == 0
+    assert cli.main(["toybench", "--pairs", "2", "--steps", "1", "--methods", "vibid", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
     assert record["pairs"] == 2 and set(record["scores"]) == {"crossfade", "vae round trip", "vibid"}
     assert set(record["per_pair"]) == set(record["scores"])
