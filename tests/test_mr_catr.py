@@ -262,13 +262,14 @@ def test_every_command_offers_the_method(argv):
 
 
 def test_toybench_scores_it_on_its_own_frame_rate(tmp_path):
-    """End to end on the shipped toy model (1 pair, 2 steps): `--method-fps` conditions it on fps 11 (fps_id 10)."""
+    """End to end on the shipped toy model (1 pair, 1 step: the programs notebook 02 compiles, so the run's
+    compilation cache serves them): `--method-fps` conditions it on fps 11 (fps_id 10)."""
     import json
 
     from jinbetween import cli
 
     out = tmp_path / "bench.json"
-    argv = ["toybench", "--pairs", "1", "--steps", "2", "--methods", "mr-catr", "--method-fps", "--out", str(out)]
+    argv = ["toybench", "--pairs", "1", "--steps", "1", "--methods", "mr-catr", "--method-fps", "--out", str(out)]
     assert cli.main(argv) == 0
     record = json.loads(out.read_text())
     assert record["fps"] == {"mr-catr": 11.0}, f"conditioning fps {record['fps']}"
