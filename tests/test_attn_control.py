@@ -102,10 +102,12 @@ def test_maps_are_probabilities(tiny_unet):
 
 
 def test_injected_map_of_wrong_shape_is_refused(tiny_unet):
-    unet, _, _ = tiny_unet
-    _, maps = unet(*inputs(5, frames=4), attn=AttnControl.capture())
+    # Jitted, as the samplers call it (the refusal comes while tracing): run eagerly, the capturing call compiled
+    # every layer's operations one by one (45 s on 2 cores).
+    _, forward, params = tiny_unet
+    _, maps = forward(params, *inputs(5, frames=4), attn=AttnControl.capture())
     with pytest.raises(InputShapeError, match="capture maps from a call with the same shapes"):
-        unet(*inputs(5, frames=3), attn=AttnControl.inject(maps))
+        forward(params, *inputs(5, frames=3), attn=AttnControl.inject(maps))
 
 
 def test_new_maps_do_not_retrace(tiny_unet):
