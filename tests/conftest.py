@@ -27,9 +27,10 @@ settings.load_profile("jinbetween")
 # `python -m pytest -m "not slow" -n 2`.
 SLOW_MODULES = {
     "test_batch", "test_compile_cache", "test_conversion", "test_examples", "test_faults", "test_finetune_loop",
-    "test_finetune_oracle", "test_gi_delta", "test_interpolate", "test_kernel_benchmarks", "test_mr_catr_oracle",
-    "test_notebooks", "test_perf_harness", "test_pipeline", "test_sampler_oracles", "test_sequence_pipeline",
-    "test_toyworld_release", "test_toyworld_train", "test_unet_parity", "test_vae_clip_parity",
+    "test_finetune_oracle", "test_fp8", "test_gi_delta", "test_interpolate", "test_kernel_benchmarks",
+    "test_mr_catr_oracle", "test_notebooks", "test_perf_harness", "test_pipeline", "test_sampler_oracles",
+    "test_sequence_pipeline", "test_toyworld_release", "test_toyworld_train", "test_unet_parity",
+    "test_vae_clip_parity",
 }
 CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 
