@@ -201,7 +201,9 @@ def test_measured_throughput_times_the_step_that_training_then_reuses(pool):
     graphdef, state = train.init_train_state(tiny_trainables(), cfg)
     results = train.measure_throughput(graphdef, state, tiny_pool(pool), cfg, [2], steps=2)
     assert list(results) == [2]
-    assert results[2]["clips_per_s"] == pytest.approx(2 / results[2]["step_s"], rel=1e-2)
+    # The record rounds clips/s to 0.1 and the step time to 10 µs: on a slow CPU (2.3 clips/s) the first rounding is
+    # 2% of the value, more than a relative tolerance alone allows.
+    assert results[2]["clips_per_s"] == pytest.approx(2 / results[2]["step_s"], rel=1e-3, abs=0.05)
     assert results[2]["compile_s"] > 0
     # Traced on the pool's shapes alone (to compile while the pool is rendered), the step is the same program.
     clips = tiny_pool(pool)
