@@ -160,12 +160,15 @@ def check_precision(args: argparse.Namespace) -> None:
                           f"its FP8 tensor cores; this is {here}: use --precision full.")
 
 
-def with_precision(pipe, args: argparse.Namespace, start, end, **settings):
-    """Returns `pipe`, or with `--precision fp8` the pipeline with an FP8 UNet calibrated on `start`→`end`."""
+def with_precision(pipe, args: argparse.Namespace, start, end, settings: dict):
+    """Returns `pipe`, or with `--precision fp8` the pipeline with an FP8 UNet calibrated on `start`→`end` with the
+    generation's own `interpolate` settings (its own short step count; no decoding or progress)."""
     if args.precision != "fp8":
         return pipe
-    logging.getLogger(__name__).info("calibrating FP8 scales on a 4-step %s run", settings.get("method", "vibid"))
-    return pipe.with_fp8_unet(start, end, **settings)
+    calibration = {k: v for k, v in settings.items()
+                   if k not in ("num_inference_steps", "decode_chunk_size", "progress", "durations", "seam")}
+    logging.getLogger(__name__).info("calibrating FP8 scales on a 4-step %s run", calibration.get("method", "vibid"))
+    return pipe.with_fp8_unet(start, end, **calibration)
 
 
 def add_verify_argument(parser: argparse.ArgumentParser) -> None:
@@ -321,7 +324,7 @@ def _bench_pipeline(args: argparse.Namespace):
         from jinbetween.toyworld import world
 
         clip = world.video(world.split_seeds("validation", 1)[0])
-        pipe = with_precision(pipe, args, clip[0], clip[-1], method="vibid", fps=7, key=jax.random.key(0))
+        pipe = with_precision(pipe, args, clip[0], clip[-1], dict(method="vibid", fps=7, key=jax.random.key(0)))
     return pipe
 
 
@@ -505,16 +508,13 @@ def run_interpolate(args: argparse.Namespace) -> None:
         pipe.load_backward_delta(args.backward_delta, verify=args.verify)
     fps = args.fps or METHODS[args.method].fps
     fitted = [video.fit_image(keyframe, height, width, args.resize) for keyframe in keyframes]
-    pipe = with_precision(pipe, args, fitted[0], fitted[1], method=args.method, key=jax.random.key(args.seed),
-                          num_frames=args.num_frames, fps=fps, motion_bucket_id=args.motion_bucket_id,
-                          noise_aug_strength=args.noise_aug_strength,
-                          allow_untrained_backward=args.allow_untrained_backward, **options)
-    frames = pipe.interpolate_sequence(
-        fitted, method=args.method,
-        key=jax.random.key(args.seed), num_frames=args.num_frames, durations=args.durations, seam=args.seam,
-        num_inference_steps=args.steps, fps=fps, motion_bucket_id=args.motion_bucket_id,
-        noise_aug_strength=args.noise_aug_strength, decode_chunk_size=args.decode_chunk_size, progress=True,
-        allow_untrained_backward=args.allow_untrained_backward, **options)
+    settings = dict(method=args.method, key=jax.random.key(args.seed), num_frames=args.num_frames,
+                    durations=args.durations, seam=args.seam, num_inference_steps=args.steps, fps=fps,
+                    motion_bucket_id=args.motion_bucket_id, noise_aug_strength=args.noise_aug_strength,
+                    decode_chunk_size=args.decode_chunk_size, progress=True,
+                    allow_untrained_backward=args.allow_untrained_backward, **options)
+    pipe = with_precision(pipe, args, fitted[0], fitted[1], settings)
+    frames = pipe.interpolate_sequence(fitted, **settings)
     out = video.write_video(frames, args.out, fps=fps)
     sheet = video.frame_grid(frames, args.sheet or Path(out).with_name(Path(out).stem + "_sheet.png"))
     print(f"wrote {out} ({args.method}, {len(keyframes)} keyframes, {len(frames)} frames, {height}×{width}) and "
@@ -728,10 +728,7 @@ def run_batch(args: argparse.Namespace) -> None:
         return [video.fit_image(video.read_keyframe(p), height, width, args.resize) for p in line.keyframes]
 
     first = fitted(mine[0])
-    pipe = with_precision(pipe, args, first[0], first[1], method=args.method, key=jax.random.key(args.seed),
-                          num_frames=args.num_frames, fps=fps, motion_bucket_id=args.motion_bucket_id,
-                          noise_aug_strength=args.noise_aug_strength,
-                          allow_untrained_backward=args.allow_untrained_backward, **options)
+    pipe = with_precision(pipe, args, first[0], first[1], {**settings, "key": jax.random.key(args.seed)})
 
     def videos():
         """Each line's video in file order, the line at index i keyed `fold_in(key, i)` or by its own seed: each run
