@@ -19,28 +19,33 @@ def run_set(tmp_path, command, cases, *extra):
     out = tmp_path / f"{command}.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     subprocess.run([sys.executable, str(ROOT / "bench" / "perf.py"), command, "--tiny", "--cases", ",".join(cases),
-                    "--repeats", "1", "--out", str(out), *extra], check=True, env=env, cwd=tmp_path,
+                    "--repeats", "1", "--out", str(out), "--steps", "2", *extra], check=True, env=env, cwd=tmp_path,
                    capture_output=True, text=True)
     report = json.loads(out.read_text())
     return out, {r["case"]: r for r in report["results"]}
 
 
+def of_kind(results, *kinds):
+    return {case: r for case, r in results.items() if case.split("/")[0] in kinds}
+
+
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
+    """(report paths, results by case, folder): the cases one after another in the driver's process (--in-process,
+    quicker), but for one run in a process of its own, as every case runs on the GPU."""
     tmp_path = tmp_path_factory.mktemp("perf")
-    # The model and profile cases run in the driver's process (--in-process, quicker); the runs each in its own,
-    # as on the GPU.
-    models = run_set(tmp_path, "models", ["unet/jax/b2", "unet/jax/b2:maps=inject", "unet/jax/b2:precision=fp8",
-                                          "unet/torch-eager/b2", "vae/jax", "vae/torch-eager"], "--in-process")
-    runs = run_set(tmp_path, "samplers", ["run/jax/gi:decode_chunks=2+all", "run/jax/i2v", "run/torch-eager/i2v",
-                                          "run/jax/mr-catr"], "--steps", "2")
-    profile = run_set(tmp_path, "profile", ["profile/jax/unet-b2", "profile/torch-eager/unet-b2"],
-                      "--trace-dir", str(tmp_path / "traces"), "--in-process")
-    return models, runs, profile, tmp_path
+    in_process = run_set(tmp_path, "models",
+                         ["unet/jax/b2", "unet/jax/b2:maps=inject", "unet/jax/b2:precision=fp8", "unet/torch-eager/b2",
+                          "vae/jax", "vae/torch-eager", "profile/jax/unet-b2", "profile/torch-eager/unet-b2",
+                          "run/jax/gi:decode_chunks=2+all", "run/torch-eager/i2v", "run/jax/mr-catr"],
+                         "--trace-dir", str(tmp_path / "traces"), "--in-process")
+    child = run_set(tmp_path, "samplers", ["run/jax/i2v"])
+    return [in_process[0], child[0]], {**in_process[1], **child[1]}, tmp_path
 
 
 def test_model_cases_report_times_memory_fields_and_counted_flops(reports):
-    (_, models), *_ = reports
+    models = of_kind(reports[1], "unet", "vae")
+    assert len(models) == 6, sorted(models)
     for case, result in models.items():
         assert "error" not in result, result
         assert result["median_s"] > 0 and len(result["times_s"]) == 1 and result["flops"] > 0, case
@@ -58,7 +63,7 @@ def test_model_cases_report_times_memory_fields_and_counted_flops(reports):
 
 
 def test_run_cases_time_whole_pipeline_calls(reports):
-    _, (_, runs), *_ = reports
+    runs = of_kind(reports[1], "run")
     gi, i2v, torch_i2v = runs["run/jax/gi:decode_chunks=2+all"], runs["run/jax/i2v"], runs["run/torch-eager/i2v"]
     for result in (gi, i2v, torch_i2v):
         assert "error" not in result, result
@@ -83,7 +88,9 @@ def test_run_cases_time_whole_pipeline_calls(reports):
 
 
 def test_profile_cases_sum_kernel_time_by_category(reports):
-    *_, (_, profile), tmp_path = reports
+    _, results, tmp_path = reports
+    profile = of_kind(results, "profile")
+    assert len(profile) == 2, sorted(profile)
     for case, result in profile.items():
         assert "error" not in result, result
         assert result["kernel_s_total"] > 0 and result["top"] and result["by_category_s"]
@@ -92,8 +99,7 @@ def test_profile_cases_sum_kernel_time_by_category(reports):
 
 
 def test_table_reads_the_reports(reports):
-    (models_path, _), (runs_path, _), *_ = reports
-    text = perf.table([str(models_path), str(runs_path)])
+    text = perf.table([str(path) for path in reports[0]])
     assert "| UNet forward, B=2 (one CFG call) |" in text
     assert "| VAE decode, all frames (lean) |" in text
     assert "| gi:decode_chunks=2+all | 14 |" in text and "(calls × B=2 UNet + decode)" in text
