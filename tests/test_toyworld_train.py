@@ -62,12 +62,12 @@ def test_unet_stage_trains_unet_and_encoder_only_and_fits_a_tiny_pool(pool):
     vae_before = params_of(vae)
     init = tiny_trainables()
     before = params_of(init)
-    cfg = train.UNetTrainConfig(steps=60, batch_size=2, warmup=5, learning_rate=1e-3, p_mean=0.0, p_std=0.5,
+    cfg = train.UNetTrainConfig(steps=30, batch_size=2, warmup=5, learning_rate=1e-3, p_mean=0.0, p_std=0.5,
                                 ema_decay=0.9, cond_draws=2)
     records = []
-    trained, ema = train.train_unet(vae, pool, cfg, seed=0, on_log=records.append, log_every=20, init=init)
+    trained, ema = train.train_unet(vae, pool, cfg, seed=0, on_log=records.append, log_every=10, init=init)
     losses = [r["loss"] for r in records]
-    assert losses[-1] < 0.8 * losses[0], f"UNet loss went {losses[0]:.3f} → {losses[-1]:.3f} in 60 steps"
+    assert losses[-1] < 0.8 * losses[0], f"UNet loss went {losses[0]:.3f} → {losses[-1]:.3f} in {cfg.steps} steps"
     after = params_of(trained)
     changed = [p for p in before if not np.array_equal(before[p], after[p])]
     assert len(changed) > 0.9 * len(before), f"only {len(changed)} of {len(before)} tensors trained"
@@ -82,8 +82,8 @@ def test_unet_stage_trains_unet_and_encoder_only_and_fits_a_tiny_pool(pool):
 
 def test_pool_holds_scaled_latents_and_augmented_first_frames_that_round_trip_through_disk(pool, tmp_path):
     vae = tiny_vae()
-    clips = tiny_pool(pool, draws=3)
-    assert clips.latents.shape[:2] == pool.shape[:2] and clips.cond_latents.shape[:2] == (len(pool), 3)
+    clips = tiny_pool(pool)  # the pool the other tests encode: compiled once
+    assert clips.latents.shape[:2] == pool.shape[:2] and clips.cond_latents.shape[:2] == (len(pool), 2)
     assert clips.latents.dtype == jnp.bfloat16 and bool(jnp.all(clips.cond_aug > 0))
     first = train._pixels(pool[:, 0])
     expected = vae.config.scaling_factor * vae.encode(first)
@@ -251,11 +251,14 @@ def test_conditioning_dropout_zeroes_image_latent_and_embedding_together(pool):
     latents = jax.random.normal(jax.random.key(0), (2, 4, 16, 16, 4))
     frames = np.asarray(pool[:2, 0])
     image_latent = jax.random.normal(jax.random.key(2), (2, 16, 16, 4))
-    jitted = jax.jit(train.unet_loss, static_argnums=(1, 4))
+
+    @jax.jit
+    def jitted(state, batch, key, dropout):  # the rate traced: one program for both rates
+        return train.unet_loss(state, graphdef, batch, key, train.UNetTrainConfig(cond_dropout=dropout))
 
     def loss(first, cond, dropout):
         batch = train.UNetBatch(latents=latents, first_frames=first, image_latent=cond, aug=jnp.full((2,), 0.05))
-        return jitted(state, graphdef, batch, jax.random.key(1), train.UNetTrainConfig(cond_dropout=dropout))[0]
+        return jitted(state, batch, jax.random.key(1), np.float32(dropout))[0]
 
     other_frames, other_latent = frames[::-1].copy(), image_latent[::-1]
     assert float(loss(frames, image_latent, 1.0)) == float(loss(other_frames, other_latent, 1.0))
