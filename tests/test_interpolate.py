@@ -52,11 +52,12 @@ def test_cli_interpolate_runs_every_method(weights, keyframes, tmp_path, method,
 
 
 def test_gi_uses_a_saved_backward_delta(pipeline, weights, keyframes, tmp_path):
+    """GI as test_cli_interpolate_runs_every_method[gi] runs it, whose program the run without a delta reuses."""
     rng = np.random.default_rng(1)
     save_delta(tmp_path / "gi", {k: 0.5 * rng.standard_normal(s).astype(np.float32)
                                  for k, s in delta_shapes(pipeline.unet.config).items()}, pipeline.unet.config)
     base = ["interpolate", *map(str, keyframes), "--weights", str(weights), "--num-frames", str(F), "--steps", "2",
-            "--height", str(H), "--width", str(W), "--set", "noise_injection_steps=0"]
+            "--height", str(H), "--width", str(W), "--set", "noise_injection_steps=1"]
     assert cli_main([*base, "--backward-delta", str(tmp_path / "gi"), "--out", str(tmp_path / "delta.mp4")]) == 0
     assert cli_main([*base, "--allow-untrained-backward", "--out", str(tmp_path / "base.mp4")]) == 0
     with_delta, without = (read_video(tmp_path / f"{n}.mp4").astype(int) for n in ("delta", "base"))
