@@ -223,11 +223,21 @@ def test_backward_delta_trains_only_the_delta_keys_on_pool_clips(pool):
     unet = train.with_config(trainables.unet, trainables.unet.config)
     before = params_of(unet)
     records = []
-    delta, steps = train.train_backward_delta(unet, trainables.image_encoder, tiny_vae(), tiny_pool(pool), steps=3,
-                                              batch_size=2, seed=0, learning_rate=1e-3, on_log=records.append,
-                                              log_every=1)
-    assert steps == 3 and len(records) == 3 and all(np.isfinite(r["loss"]) for r in records)
+    settings = dict(steps=3, batch_size=2, seed=0, learning_rate=1e-3, log_every=1)
+    state = train.train_backward_delta(unet, trainables.image_encoder, tiny_vae(), tiny_pool(pool),
+                                       on_log=records.append, **settings)
+    delta = state.delta
+    assert int(state.step) == 3 and len(records) == 3 and all(np.isfinite(r["loss"]) for r in records)
     assert sorted(delta) == sorted(delta_keys(unet.config))
+    # Stopped by a deadline after step 1, then resumed from its state: the same delta as the run that never stopped.
+    stopped = train.train_backward_delta(unet, trainables.image_encoder, tiny_vae(), tiny_pool(pool), deadline=0.0,
+                                         **settings)
+    resumed = train.train_backward_delta(unet, trainables.image_encoder, tiny_vae(), tiny_pool(pool), start=stopped,
+                                         **settings)
+    assert int(stopped.step) == 1 and int(resumed.step) == 3
+    assert any(not np.array_equal(stopped.delta[k], delta[k]) for k in delta), "the stopped run already ended"
+    for k in delta:
+        np.testing.assert_array_equal(resumed.delta[k], delta[k], err_msg=f"resuming changed {k}")
     assert all(float(np.max(np.abs(value))) > 0 for value in delta.values()), "a delta tensor did not train"
     for path, value in params_of(unet).items():
         np.testing.assert_array_equal(value, before[path], err_msg=f"the frozen base changed at {path}")

@@ -40,7 +40,7 @@ import multiprocessing
 import platform
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +55,9 @@ from jinbetween.models import VAE, ImageEncoder, UNet
 from jinbetween.models.state import ModelState, abstract
 from jinbetween.toyworld import models, world
 from jinbetween.weights import load_image_encoder, load_unet, load_vae
+
+if TYPE_CHECKING:
+    from jinbetween import finetune
 
 log = logging.getLogger(__name__)
 
@@ -697,11 +700,14 @@ def pair_conditioning(vae: ModelState[VAE], image_encoder: ModelState[ImageEncod
     return jax.tree.map(lambda *arrays: jnp.concatenate(arrays), *parts)
 
 
-def make_backward_step(batch_size: int, time_ids: jax.Array, train_cfg) -> Callable:
+@functools.cache
+def make_backward_step(batch_size: int, noise_aug_strength: float, train_cfg: finetune.TrainConfig) -> Callable:
     """Returns the jitted step `(UNet state, finetune.TrainState, ClipPool, PairConditioning, key) -> (state,
     metrics)`: `batch_size` pool clips reversed in time, conditioned on their last frame with the forward model's
-    maps from their first (`finetune.train_step`)."""
+    maps from their first (`finetune.train_step`), at GI's time ids; one per settings, so a resumed run reuses it."""
     from jinbetween import finetune
+
+    time_ids = conditioning.added_time_ids(FPS, MOTION_BUCKET_ID, noise_aug_strength)
 
     @functools.partial(jax.jit, donate_argnums=1)
     def step(unet, train_state, pool, pairs, key):
@@ -722,23 +728,24 @@ def make_backward_step(batch_size: int, time_ids: jax.Array, train_cfg) -> Calla
 def train_backward_delta(unet: UNet, image_encoder: ImageEncoder, vae: VAE, pool: ClipPool, *, steps: int,
                          batch_size: int, seed: int, learning_rate: float = 1e-4, noise_aug_strength: float = 0.02,
                          deadline: float | None = None, on_log: Callable[[dict], None] = lambda r: None,
-                         log_every: int = 100) -> tuple[dict[str, jax.Array], int]:
-    """Returns (GI's backward delta {diffusers key: float32 [in, out]}, steps run) trained on `unet` (frozen, in
-    its dtype) with pool clips, conditioned as GI trained (fps 7, motion bucket 127, `noise_aug_strength`)."""
+                         log_every: int = 100, start: finetune.TrainState | None = None) -> finetune.TrainState:
+    """Returns the `finetune.TrainState` (GI's backward delta {diffusers key: float32 [in, out]}, its optimizer
+    state, the steps taken) trained up to step `steps` on `unet` (frozen, in its dtype) with pool clips, conditioned
+    as GI trained (fps 7, motion bucket 127, `noise_aug_strength`). From `start`, a state this function returned
+    with the same arguments, it continues as if it had not stopped."""
     from jinbetween import finetune
 
     train_cfg = finetune.TrainConfig(learning_rate=learning_rate)
     unet_state = ModelState.of(_for_training(unet))
     pairs = pair_conditioning(ModelState.of(vae), ModelState.of(image_encoder), pool, jax.random.key(seed + 1),
                               noise_aug_strength)
-    time_ids = conditioning.added_time_ids(FPS, MOTION_BUCKET_ID, noise_aug_strength)
-    step = make_backward_step(batch_size, time_ids, train_cfg)
-    state = finetune.init_train_state(unet_state, train_cfg)
-    key, sums, count, done = jax.random.key(seed), None, 0, 0
-    for i in range(steps):
+    step = make_backward_step(batch_size, noise_aug_strength, train_cfg)
+    state = start if start is not None else finetune.init_train_state(unet_state, train_cfg)
+    key, sums, count = jax.random.key(seed), None, 0
+    for i in range(int(state.step), steps):
         state, metrics = step(unet_state, state, pool, pairs, jax.random.fold_in(key, i))
         sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-        count, done = count + 1, i + 1
+        count += 1
         stopping = deadline is not None and time.monotonic() > deadline
         if (i + 1) % log_every == 0 or i + 1 == steps or stopping:
             on_log({"stage": "gi_backward", "step": i + 1, **{k: float(v) / count for k, v in sums.items()}})
@@ -746,7 +753,7 @@ def train_backward_delta(unet: UNet, image_encoder: ImageEncoder, vae: VAE, pool
         if stopping:
             on_log({"stage": "gi_backward", "stopped_by_deadline_at": i + 1, "planned_steps": steps})
             break
-    return jax.device_get(state.delta), done
+    return jax.device_get(state)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -933,9 +940,10 @@ def release_run(args: argparse.Namespace) -> None:
     base = Pipeline.from_pretrained(Path(record["vae"]), dtype=jnp.float32)
     vae = base.vae
     pool = load_pool(run.folder / POOL)
-    delta, gi_steps = train_backward_delta(
+    gi_state = train_backward_delta(
         shipped.unet, shipped.image_encoder, vae, pool, steps=args.gi_steps, batch_size=args.gi_batch_size,
         seed=record["seed"] + 2, learning_rate=args.gi_learning_rate, deadline=deadline, on_log=run.log)
+    delta, gi_steps = gi_state.delta, int(gi_state.step)
     out = Path(args.out)
     pipeline = Pipeline(shipped.unet, vae, shipped.image_encoder, clip_mean=base.clip_mean, clip_std=base.clip_std,
                         sigma_min=base.sigma_min, sigma_max=base.sigma_max, default_size=base.default_size)
