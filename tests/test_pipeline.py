@@ -103,7 +103,7 @@ def test_a_batch_equals_separate_runs(pipeline):
 
 
 def test_repeated_calls_do_not_retrace(pipeline):
-    kwargs = dict(num_frames=F, num_inference_steps=2, output="latent")
+    kwargs = dict(num_frames=F, num_inference_steps=3, output="latent")  # the program the tests above compiled
     pipeline.image_to_video(keyframe(6), key=jax.random.key(0), **kwargs)
     traced = sample_i2v._cache_size()
     for seed in range(3):
@@ -125,7 +125,7 @@ def test_bad_inputs_raise_specific_errors(pipeline, reference_pipeline, tmp_path
 def test_cli_i2v_writes_a_video(reference_pipeline, tmp_path, capsys):
     Image.fromarray(np.random.default_rng(9).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "k.png")
     args = ["i2v", str(tmp_path / "k.png"), "--weights", str(reference_pipeline[1]), "--height", str(H), "--width",
-            str(W), "--num-frames", str(F), "--steps", "2", "--out", str(tmp_path / "v.mp4"), "--sheet",
+            str(W), "--num-frames", str(F), "--steps", "3", "--out", str(tmp_path / "v.mp4"), "--sheet",
             str(tmp_path / "s.png")]
     assert cli_main(args) == 0
     assert read_video(tmp_path / "v.mp4").shape == (F, H, W, 3)
