@@ -96,7 +96,7 @@ def sharded_worker(out: str) -> None:
     np.savez(out_dir / "videos.npz", **{name: np.stack(v) for name, v in videos.items()})
     (out_dir / "record.json").write_text(json.dumps({
         "fetched": fetched, "sampler_compilations": sampler._cache_size(), "batch_size_error": batch_size_error,
-        "cli_code": code}))
+        "cli_code": code, "one_device_compilations": METHODS["vibid"].sample._cache_size()}))
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +141,11 @@ def test_sampler_latents_and_frames_are_split_over_four_devices(sharded):
         assert fetched["devices"] == DEVICES and fetched["spec"] == ["batch"], fetched
         assert [shard[0] for shard in fetched["shards"]] == [1] * DEVICES, f"one pair per device: {fetched}"
     assert frames[0]["shards"][0][1:] == [RUN["num_frames"], SIZE, SIZE, 3]
+
+
+def test_interpolate_runs_the_one_device_batch_program(sharded):
+    _, record, _ = sharded
+    assert record["one_device_compilations"] == 1, "interpolate and a one-device batch compiled ViBiD separately"
 
 
 def test_a_short_last_chunk_is_padded_and_compiles_nothing_new(sharded):
