@@ -513,7 +513,8 @@ class Pipeline:
         decoded videos)."""
         aug_keys, sample_keys = _split_keys(pair_keys)
         start_cond, end_cond = self._pair_conditioning(starts, ends, aug_keys, spec, **settings)
-        sampled = spec.sample(self._unet_state, start_cond, end_cond, sample_keys, cfg,  # as interpolate calls it: one program
+        # With interpolate's keywords: jit keys calls by the keywords given, so both share one compiled program.
+        sampled = spec.sample(self._unet_state, start_cond, end_cond, sample_keys, cfg,
                               delta=self.backward_delta if spec.uses_delta else None, draws=None, progress=None)
         if output == "latent":
             return sampled.diverged_at, sampled.latents
