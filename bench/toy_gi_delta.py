@@ -35,17 +35,6 @@ def in_bf16(module: nnx.Module) -> nnx.Module:
     return nnx.merge(graphdef, train._bf16(state))
 
 
-def state_tree(state: finetune.TrainState) -> dict:
-    return {"delta": state.delta, "opt_state": {f"{i:04d}": leaf for i, leaf in enumerate(jax.tree.leaves(
-        state.opt_state))}, "step": state.step}
-
-
-def state_from_tree(tree: dict, like: finetune.TrainState) -> finetune.TrainState:
-    leaves = [tree["opt_state"][k] for k in sorted(tree["opt_state"])]
-    return finetune.TrainState(delta=tree["delta"], step=tree["step"],
-                               opt_state=jax.tree.unflatten(jax.tree.structure(like.opt_state), leaves))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", default=str(SHIPPED), help="the released toy-world pipeline (default: shipped)")
@@ -92,15 +81,16 @@ def main() -> None:
         if checkpoints.latest_step() is not None:
             like = finetune.init_train_state(ModelState.of(train._for_training(unet)),
                                              finetune.TrainConfig(learning_rate=args.learning_rate))
-            tree, record = checkpoints.restore(checkpoints.latest_step(), jax.eval_shape(lambda: state_tree(like)))
+            tree, record = checkpoints.restore(checkpoints.latest_step(),
+                                               jax.eval_shape(lambda: finetune._train_state_tree(like)))
             if record != settings:
                 raise SystemExit(f"{out} was trained with {record}, not {settings}: use another --out.")
-            resumed = state_from_tree(tree, like)
+            resumed = finetune._train_state_from_tree(tree, like)
             log({"stage": "resumed", "step": int(resumed.step)})
         state = train.train_backward_delta(
             unet, image_encoder, pipe.vae, pool, steps=args.steps, batch_size=args.batch_size, seed=args.seed + 2,
             learning_rate=args.learning_rate, deadline=deadline, on_log=log, start=resumed)
-        checkpoints.save(int(state.step), state_tree(state), settings)
+        checkpoints.save(int(state.step), finetune._train_state_tree(state), settings)
     save_delta(out / BACKWARD_DELTA, state.delta, pipe.unet.config, trained_steps=int(state.step),
                base=f"{args.weights} (its UNet in bf16)", **{k: v for k, v in settings.items() if k != "weights"},
                noise_aug_strength=0.02)

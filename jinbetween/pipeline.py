@@ -27,7 +27,7 @@ from jinbetween.models import VAE, ImageEncoder, UNet
 from jinbetween.models.delta import Delta
 from jinbetween.models.state import ModelState
 from jinbetween.samplers import METHODS, Method
-from jinbetween.samplers.core import Draws
+from jinbetween.samplers.core import Draws, Sampled
 from jinbetween.samplers.i2v import I2VConfig, sample_i2v
 from jinbetween.video import check_size
 from jinbetween.weights import load_image_encoder, load_unet, load_vae
@@ -354,11 +354,10 @@ class Pipeline:
         start_cond, end_cond = self._pair_conditioning(
             starts, ends, aug_keys, spec, fps=spec.fps if fps is None else fps, motion_bucket_id=motion_bucket_id,
             noise_aug_strength=noise_aug_strength)
-        delta = self.backward_delta if spec.uses_delta else None
         with self._sampling_progress(progress, len(cfg.program())) as report:
-            sampled = spec.sample(self._unet_state, start_cond, end_cond, sample_keys, cfg, delta=delta, draws=draws,
-                                  progress=report)
-        self._check_sampled(sampled.diverged_at, cfg, spec.name, first_index, delta)
+            sampled = self._sample(spec, start_cond, end_cond, sample_keys, cfg, draws=draws, progress=report)
+        self._check_sampled(sampled.diverged_at, cfg, spec.name, first_index,
+                            self.backward_delta if spec.uses_delta else None)
         frames = self._finish(sampled.latents, output, decode_chunk_size, first_index)
         return frames if batched else frames[0]
 
@@ -507,15 +506,21 @@ class Pipeline:
         devices = jax.tree.leaves(self._unet_state.state)[0].devices()
         return mesh.size == 1 and devices == set(mesh.devices.flat)
 
+    def _sample(self, spec: Method, start: Conditioning, end: Conditioning, keys: jax.Array, cfg: Any, *,
+                draws: Draws | None = None, progress: Callable[[int], None] | None = None) -> Sampled:
+        """Runs `spec`'s sampler on this pipeline's UNet (and backward delta where the method uses one). Every call
+        passes the same keywords: jit keys its programs by the keywords given, so `interpolate` and a one-device
+        batch share one."""
+        return spec.sample(self._unet_state, start, end, keys, cfg,
+                           delta=self.backward_delta if spec.uses_delta else None, draws=draws, progress=progress)
+
     def _run_in_place(self, starts: np.ndarray, ends: np.ndarray, pair_keys: jax.Array, *, spec: Method, cfg: Any,
                       settings: dict[str, float], output: str, decode_chunk_size: int | None):
         """Dispatches one chunk exactly as `interpolate` runs it; returns (`Sampled.diverged_at`, latents or the
         decoded videos)."""
         aug_keys, sample_keys = _split_keys(pair_keys)
         start_cond, end_cond = self._pair_conditioning(starts, ends, aug_keys, spec, **settings)
-        # With interpolate's keywords: jit keys calls by the keywords given, so both share one compiled program.
-        sampled = spec.sample(self._unet_state, start_cond, end_cond, sample_keys, cfg,
-                              delta=self.backward_delta if spec.uses_delta else None, draws=None, progress=None)
+        sampled = self._sample(spec, start_cond, end_cond, sample_keys, cfg)
         if output == "latent":
             return sampled.diverged_at, sampled.latents
         return sampled.diverged_at, [self.vae.decode_video(video, decode_chunk_size) for video in sampled.latents]
