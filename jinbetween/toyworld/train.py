@@ -974,6 +974,51 @@ def release_run(args: argparse.Namespace) -> None:
     run.log({"stage": "release", "out": str(out), "unet_steps": int(state.step), "gi_steps": gi_steps})
 
 
+def pack_run(args: argparse.Namespace) -> None:
+    """`pack`: the run's EMA (its newest checkpoint, or an exported --ema) minus its base, as a small carry file
+    (`jinbetween.toyworld.carry`); prints its size, the difference's relative error, the outliers and the step."""
+    from jinbetween import atomic
+    from jinbetween.toyworld import carry
+
+    if (args.run is None) == (args.ema is None) or (args.ema is not None and args.base is None):
+        raise SystemExit("pack needs either --run RUN (and optionally --base WEIGHTS), or --ema EMA.npz with --base "
+                         "WEIGHTS.")
+    try:
+        if args.run is not None:
+            ema, base, folder, step = carry.run_ema(args.run)
+            if args.base is not None:  # a carry against the shipped weights, whatever the run started from
+                folder, base = args.base, carry.base_params(args.base)
+        else:
+            (ema, step), folder = carry.read_ema(args.ema), args.base
+            base = carry.base_params(folder)
+        start = time.monotonic()
+        blob = carry.pack_params(ema, folder, step=step, step_fraction=args.step_fraction, base=base)
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
+    seconds = time.monotonic() - start
+    with atomic.replacing(args.out) as temporary:
+        temporary.write_bytes(blob)
+    described = carry.describe(blob)
+    print(json.dumps({"out": str(args.out), "bytes": len(blob), "step": step, "step_fraction": args.step_fraction,
+                      "relative_error": carry.relative_error(ema, base, blob),
+                      "outlier_fraction": described["outliers"] / described["params"],
+                      "pack_seconds": round(seconds, 1)}))
+
+
+def unpack_run(args: argparse.Namespace) -> None:
+    """`unpack`: the float32 pipeline folder of a carry file's base + difference, to start a run from (`--init`)."""
+    from jinbetween.toyworld import carry
+
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise SystemExit(f"{args.out} exists and is not empty; unpack writes a new folder.")
+    try:
+        params, meta = carry.unpack_folder(args.carry.read_bytes(), args.base)
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
+    carry.write_pipeline(params, args.base, args.out)
+    log.info(json.dumps({"stage": "unpack", "out": str(args.out), "step": meta.get("step")}))
+
+
 EVALUATION_SIGMAS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 15.0, 50.0)
 
 
@@ -1055,6 +1100,22 @@ def main(argv: list[str] | None = None, prog: str = "jinbetween toytrain") -> No
     release.add_argument("--gi-learning-rate", type=float, default=1e-4)
     release.add_argument("--deadline-minutes", type=float, help="stop GI's fine-tune after this many minutes")
     release.set_defaults(run_command=release_run)
+
+    pack = commands.add_parser("pack", help="the run's EMA minus its base as a small file to commit")
+    pack.add_argument("--run", type=Path, help="the run folder: its newest checkpoint against its init folder")
+    pack.add_argument("--ema", type=Path, help="or an EMA exported by bench/toy_export_ema.py, with --base")
+    pack.add_argument("--base", type=Path, help="the pipeline folder to difference against (default: the run's "
+                      "init folder; needed with --ema)")
+    pack.add_argument("--out", required=True, type=Path, help="the carry file to write")
+    pack.add_argument("--step-fraction", type=float, default=0.25,
+                      help="quantization step as a fraction of each tensor's rms difference")
+    pack.set_defaults(run_command=pack_run)
+
+    unpack = commands.add_parser("unpack", help="a float32 pipeline folder from a carry file and its base")
+    unpack.add_argument("--carry", required=True, type=Path, help="the file `pack` wrote")
+    unpack.add_argument("--base", required=True, type=Path, help="the pipeline folder it was packed against")
+    unpack.add_argument("--out", required=True, type=Path, help="the pipeline folder to write (new or empty)")
+    unpack.set_defaults(run_command=unpack_run)
 
     evaluate = commands.add_parser("evaluate", help="held-out x0 error of pipelines at fixed noise levels")
     evaluate.add_argument("weights", nargs="+", type=Path, help="pipeline folders (the first one's VAE encodes)")
