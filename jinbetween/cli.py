@@ -939,7 +939,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a usage error, already printed on one line (2)
         return exit_.code if isinstance(exit_.code, int) else 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    from jinbetween import logs
+
+    logs.configure(logging.DEBUG if args.verbose else logging.INFO)
     try:
         args.check(args)
         if args.command not in ("convert", "verify", "toytrain"):  # nothing worth keeping, or a cache of its own

@@ -15,7 +15,7 @@ PACKAGE = Path(jinbetween.__file__).parent
 # models (it loads them; they never know where their weights come from), beside the denoiser, which uses neither it
 # nor anything above.
 LAYERS = (
-    ("base", ("jinbetween.errors", "jinbetween.hardware", "jinbetween.atomic", "jinbetween.checks",
+    ("base", ("jinbetween.errors", "jinbetween.logs", "jinbetween.hardware", "jinbetween.atomic", "jinbetween.checks",
               "jinbetween.config", "jinbetween.integrity", "jinbetween.checkpoint", "jinbetween.schedule",
               "jinbetween.video", "jinbetween.conditioning", "jinbetween.flops", "jinbetween.compile_cache",
               "jinbetween.distributed", "jinbetween.data", "jinbetween.sequence")),

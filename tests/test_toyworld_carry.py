@@ -127,11 +127,12 @@ def test_cli_packs_an_exported_ema_and_a_run_and_unpacks_a_folder_that_loads_bas
            for k, v in base.items()}
     np.savez(tmp_path / "ema.npz", step=np.asarray(12), **ema)  # as bench/toy_export_ema.py writes it
 
-    train.main(["pack", "--ema", str(tmp_path / "ema.npz"), "--base", str(base_folder), "--out",
+    carry.main(["pack", "--ema", str(tmp_path / "ema.npz"), "--base", str(base_folder), "--out",
                 str(tmp_path / "ema.carry")])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["bytes"] == (tmp_path / "ema.carry").stat().st_size and printed["step"] == 12
     assert printed["relative_error"] == pytest.approx(0.25 / np.sqrt(12), rel=0.1), printed
+    assert printed["difference_to_base"] == pytest.approx(0.01, rel=0.1), printed  # the noise drawn: 1% of each rms
 
     # The same EMA in a run's checkpoint, against the run's init folder, packs to the same difference.
     cfg = train.UNetTrainConfig(batch_size=2)
@@ -140,14 +141,14 @@ def test_cli_packs_an_exported_ema_and_a_run_and_unpacks_a_folder_that_loads_bas
     _, state = train.init_train_state(train._load_trainables(base_folder, 0), cfg)
     ema_state = jax.tree_util.tree_map_with_path(lambda p, _: ema[jax.tree_util.keystr(p)], state.ema)
     run.save_state(dataclasses.replace(state, ema=ema_state, step=np.int32(12)))
-    train.main(["pack", "--run", str(run.folder), "--out", str(tmp_path / "run.carry")])
+    carry.main(["pack", "--run", str(run.folder), "--out", str(tmp_path / "run.carry")])
     blobs = [(tmp_path / name).read_bytes() for name in ("ema.carry", "run.carry")]
     from_ema, from_run = (carry.unpack(blob, base)[0] for blob in blobs)
     for key in base:
         np.testing.assert_array_equal(from_run[key], from_ema[key], err_msg=f"--run and --ema differ at {key}")
 
     out = tmp_path / "unpacked"
-    train.main(["unpack", "--carry", str(tmp_path / "ema.carry"), "--base", str(base_folder), "--out", str(out)])
+    carry.main(["unpack", "--carry", str(tmp_path / "ema.carry"), "--base", str(base_folder), "--out", str(out)])
     loaded = carry.base_params(out)
     for key in base:
         np.testing.assert_array_equal(loaded[key], from_ema[key], err_msg=f"the unpacked folder differs at {key}")
@@ -156,16 +157,16 @@ def test_cli_packs_an_exported_ema_and_a_run_and_unpacks_a_folder_that_loads_bas
         (base_folder / "vae/diffusion_pytorch_model.safetensors").read_bytes()
     assert Pipeline.from_pretrained(out, dtype=jax.numpy.float32).default_size == (32, 32)
     # Unpacking is deterministic, so a later carry packed against this folder finds it again by its hashes.
-    train.main(["unpack", "--carry", str(tmp_path / "ema.carry"), "--base", str(base_folder), "--out",
+    carry.main(["unpack", "--carry", str(tmp_path / "ema.carry"), "--base", str(base_folder), "--out",
                 str(tmp_path / "again")])
     assert carry.base_hashes_of(tmp_path / "again") == carry.base_hashes_of(out)
 
     with pytest.raises(SystemExit, match="exists and is not empty"):
-        train.main(["unpack", "--carry", str(tmp_path / "ema.carry"), "--base", str(base_folder), "--out", str(out)])
+        carry.main(["unpack", "--carry", str(tmp_path / "ema.carry"), "--base", str(base_folder), "--out", str(out)])
     other = tmp_path / "other"
     shutil.copytree(base_folder, other)
     with open(other / "image_encoder/model.safetensors", "ab") as file:
         file.write(b"\0")
     with pytest.raises(SystemExit, match=f"packed against the base '{base_folder}'"):
-        train.main(["unpack", "--carry", str(tmp_path / "ema.carry"), "--base", str(other), "--out",
+        carry.main(["unpack", "--carry", str(tmp_path / "ema.carry"), "--base", str(other), "--out",
                     str(tmp_path / "refused")])

@@ -8,17 +8,20 @@ then the rounding error, uniform in [−s/2, s/2] (rms s/√12) on the other ent
 `jax.tree_util.keystr` of the leaf paths of `TrainState.ema` (as `bench/toy_export_ema.py` writes them); the file
 records the sha256 of the base's UNet and image encoder weights, and unpacking against another base is refused.
 
-    python -m jinbetween.toyworld.train pack --run RUN --out progress.carry
-    python -m jinbetween.toyworld.train pack --ema ema.npz --base jinbetween/toyworld/weights --out progress.carry
-    python -m jinbetween.toyworld.train unpack --carry progress.carry --base jinbetween/toyworld/weights --out INIT
+    python -m jinbetween.toyworld.carry pack --run RUN --base jinbetween/toyworld/weights --out progress.carry
+    python -m jinbetween.toyworld.carry pack --ema ema.npz --base jinbetween/toyworld/weights --out progress.carry
+    python -m jinbetween.toyworld.carry unpack --carry progress.carry --base jinbetween/toyworld/weights --out INIT
 """
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
+import logging
 import lzma
 import shutil
+import time
 from pathlib import Path
 
 import jax
@@ -36,6 +39,8 @@ QMAX = 127
 TRAINED = (UNET_COMPONENT, IMAGE_ENCODER_COMPONENT)
 # What an unpacked folder takes from its base unchanged; gi_backward/ and release.json describe the base model only.
 UNCHANGED = ("vae", "scheduler", "feature_extractor", "model_index.json")
+
+log = logging.getLogger(__name__)
 
 
 def _check_shapes(a: dict[str, tuple], b: dict[str, tuple], a_name: str, b_name: str) -> None:
@@ -203,6 +208,14 @@ def relative_error(ema: dict[str, np.ndarray], base: dict[str, np.ndarray], blob
     return float(np.sqrt(error / norm)) if norm else 0.0
 
 
+def difference_to_base(ema: dict[str, np.ndarray], base: dict[str, np.ndarray]) -> float:
+    """Returns |ema − base| / |base| over all parameters: with `relative_error`, the reconstruction's error relative
+    to the weights, to set against their bf16 rounding (~2⁻⁹ relative)."""
+    difference = sum(float(np.sum(np.square(np.asarray(ema[k], np.float32) - base[k], dtype=np.float64))) for k in base)
+    norm = sum(float(np.sum(np.square(base[k], dtype=np.float64))) for k in base)
+    return float(np.sqrt(difference / norm)) if norm else 0.0
+
+
 def unpack_folder(blob: bytes, base_folder: Path) -> tuple[dict[str, np.ndarray], dict]:
     """Returns `unpack` of `blob` against the pipeline `base_folder`, whose hashes are checked before it is loaded."""
     _check_base(describe(blob)["meta"], base_hashes_of(base_folder))
@@ -227,3 +240,77 @@ def write_pipeline(params: dict[str, np.ndarray], base_folder: Path, out: Path) 
             elif source.exists():
                 shutil.copy2(source, staging / name)
     return out
+
+
+# The commands.
+
+
+def pack_run(args: argparse.Namespace) -> None:
+    """`pack`: the run's EMA (its newest checkpoint, or an exported --ema) minus its base, as a small carry file
+    ; prints its size, the difference's relative error, the outliers and the step."""
+    if (args.run is None) == (args.ema is None) or (args.ema is not None and args.base is None):
+        raise SystemExit("pack needs either --run RUN (and optionally --base WEIGHTS), or --ema EMA.npz with --base "
+                         "WEIGHTS.")
+    try:
+        if args.run is not None:
+            ema, base, folder, step = run_ema(args.run)
+            if args.base is not None:  # a carry against the shipped weights, whatever the run started from
+                folder, base = args.base, base_params(args.base)
+        else:
+            (ema, step), folder = read_ema(args.ema), args.base
+            base = base_params(folder)
+        start = time.monotonic()
+        blob = pack_params(ema, folder, step=step, step_fraction=args.step_fraction, base=base)
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
+    seconds = time.monotonic() - start
+    with atomic.replacing(args.out) as temporary:
+        temporary.write_bytes(blob)
+    described = describe(blob)
+    print(json.dumps({"out": str(args.out), "bytes": len(blob), "step": step, "step_fraction": args.step_fraction,
+                      "relative_error": relative_error(ema, base, blob),
+                      "difference_to_base": difference_to_base(ema, base),
+                      "outlier_fraction": described["outliers"] / described["params"],
+                      "pack_seconds": round(seconds, 1)}))
+
+
+def unpack_run(args: argparse.Namespace) -> None:
+    """`unpack`: the float32 pipeline folder of a carry file's base + difference, to start a run from (`--init`)."""
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise SystemExit(f"{args.out} exists and is not empty; unpack writes a new folder.")
+    try:
+        params, meta = unpack_folder(args.carry.read_bytes(), args.base)
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
+    write_pipeline(params, args.base, args.out)
+    log.info(json.dumps({"stage": "unpack", "out": str(args.out), "step": meta.get("step")}))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Runs `pack` or `unpack` (`python -m jinbetween.toyworld.carry COMMAND ...`)."""
+    from jinbetween import logs
+
+    parser = argparse.ArgumentParser(prog="python -m jinbetween.toyworld.carry", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    pack = commands.add_parser("pack", help="the run's EMA minus its base as a small file to commit")
+    pack.add_argument("--run", type=Path, help="the run folder: its newest checkpoint against its init folder")
+    pack.add_argument("--ema", type=Path, help="or an EMA exported by bench/toy_export_ema.py, with --base")
+    pack.add_argument("--base", type=Path, help="the pipeline folder to difference against (default: the run's "
+                      "init folder; needed with --ema)")
+    pack.add_argument("--out", required=True, type=Path, help="the carry file to write")
+    pack.add_argument("--step-fraction", type=float, default=0.25,
+                      help="quantization step as a fraction of each tensor's rms difference")
+    pack.set_defaults(run_command=pack_run)
+
+    unpack = commands.add_parser("unpack", help="a float32 pipeline folder from a carry file and its base")
+    unpack.add_argument("--carry", required=True, type=Path, help="the file `pack` wrote")
+    unpack.add_argument("--base", required=True, type=Path, help="the pipeline folder it was packed against")
+    unpack.add_argument("--out", required=True, type=Path, help="the pipeline folder to write (new or empty)")
+    unpack.set_defaults(run_command=unpack_run)
+    args = parser.parse_args(argv)
+    logs.configure()
+    args.run_command(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -48,7 +48,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jinbetween import conditioning, denoiser
+from jinbetween import conditioning, denoiser, logs
 from jinbetween.conditioning import Conditioning
 from jinbetween.config import VAEConfig
 from jinbetween.models import VAE, ImageEncoder, UNet
@@ -290,12 +290,15 @@ def encode_videos(vae: ModelState[VAE], videos: jax.Array, key: jax.Array, *, dr
 
 
 def build_pool(vae: VAE, seeds: Sequence[int], key: jax.Array, cfg: UNetTrainConfig, *, chunk: int = 256,
-               workers: int | None = None, videos: Callable[[int], np.ndarray] = _render_seed) -> ClipPool:
+               workers: int | None = None, videos: Callable[[int], np.ndarray] = _render_seed,
+               on_log: Callable[[dict], None] = lambda r: None, log_every: int = 8) -> ClipPool:
     """Returns the ClipPool of the toy-world videos of `seeds`, rendered by `videos(seed)` in `workers` processes
     (all cores by default; 0: in this process) while the device encodes the chunks already rendered. Chunk i
-    (`chunk` videos) draws its augmentation from fold_in(key, i)."""
+    (`chunk` videos) draws its augmentation from fold_in(key, i). Every `log_every` chunks, `on_log` gets the
+    videos encoded so far and the seconds since the start (dispatched, not waited for)."""
     vae_state = ModelState.of(vae)
     parts, buffer = [], []
+    start = time.monotonic()
 
     def encode(batch: list[np.ndarray]) -> ClipPool:
         return encode_videos(vae_state, jnp.asarray(np.stack(batch)), jax.random.fold_in(key, len(parts)),
@@ -308,6 +311,9 @@ def build_pool(vae: VAE, seeds: Sequence[int], key: jax.Array, cfg: UNetTrainCon
             if len(buffer) == chunk:
                 parts.append(encode(buffer))
                 buffer = []
+                if len(parts) % log_every == 0:
+                    on_log({"stage": "pool", "encoding": len(parts) * chunk, "of": len(seeds),
+                            "seconds": round(time.monotonic() - start, 1)})
         if buffer:
             parts.append(encode(buffer))
 
@@ -609,11 +615,13 @@ def measure_throughput(graphdef: nnx.GraphDef, state: TrainState, pool: ClipPool
 
 
 def compile_in_background(graphdef: nnx.GraphDef, state: TrainState, pool: ClipPool, cfg: UNetTrainConfig,
-                          batch_sizes: Sequence[int]) -> concurrent.futures.Future:
+                          batch_sizes: Sequence[int],
+                          on_log: Callable[[dict], None] = lambda r: None) -> concurrent.futures.Future:
     """Returns a future of {batch size: compiled stage-2 step}: the steps are traced here, on `state` and `pool` as
     arrays or shapes (`jax.ShapeDtypeStruct`), and compiled one after the other in a thread, so that compilation
     (autotuning on the GPU) overlaps with rendering and encoding the pool. A size that fails to compile maps to
-    its error. The persistent compilation cache, when enabled, keeps the programs for later processes."""
+    its error. The persistent compilation cache, when enabled, keeps the programs for later processes. `on_log` gets
+    each size's compile time when it is done (from the thread)."""
     key = jax.random.key(0)
     lowered = {b: make_unet_step(graphdef, dataclasses.replace(cfg, batch_size=b)).lower(
         state, pool, key, np.float32(0), np.float32(0)) for b in batch_sizes}
@@ -621,10 +629,13 @@ def compile_in_background(graphdef: nnx.GraphDef, state: TrainState, pool: ClipP
     def compile_all() -> dict[int, Callable | Exception]:
         compiled = {}
         for batch_size, program in lowered.items():
+            start = time.monotonic()
             try:
                 compiled[batch_size] = program.compile()
             except jax.errors.JaxRuntimeError as error:
                 compiled[batch_size] = error
+            on_log({"stage": "compile", "batch_size": batch_size, "seconds": round(time.monotonic() - start, 1),
+                    "failed": isinstance(compiled[batch_size], Exception)})
         return compiled
 
     return concurrent.futures.ThreadPoolExecutor(1).submit(compile_all)
@@ -796,6 +807,7 @@ class Run:
 
     def log(self, record: dict) -> None:
         log.info(json.dumps(record))
+        self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / LOG, "a") as file:
             file.write(json.dumps(record) + "\n")
 
@@ -856,14 +868,17 @@ def create_run(run: Run, args: argparse.Namespace) -> tuple[UNetTrainConfig, Tra
     vae = load_vae(args.vae or args.init, dtype=jnp.float32)
     init = _load_trainables(args.init, args.seed)
     graphdef, state = init_train_state(init, base)
-    compiling = compile_in_background(graphdef, state, pool_shapes(vae, args.videos, base), base, args.batch_sizes)
+    run.log({"stage": "setup", "loaded": True, "seconds": round(time.monotonic() - start, 1)})
+    compiling = compile_in_background(graphdef, state, pool_shapes(vae, args.videos, base), base, args.batch_sizes,
+                                      on_log=run.log)
+    run.log({"stage": "setup", "traced": True, "seconds": round(time.monotonic() - start, 1)})
     if (run.folder / POOL / "cond_aug.npy").exists():  # encoded by an earlier attempt at creating this run
         pool = load_pool(run.folder / POOL)
         if len(pool) != args.videos:
             raise SystemExit(f"{run.folder / POOL} holds {len(pool)} videos, not --videos {args.videos}.")
         run.log({"stage": "pool", "loaded": len(pool), "seconds": round(time.monotonic() - start, 1)})
     else:
-        pool = build_pool(vae, seeds, jax.random.key(args.seed), base)
+        pool = build_pool(vae, seeds, jax.random.key(args.seed), base, on_log=run.log)
         jax.block_until_ready(pool)
         run.folder.mkdir(parents=True, exist_ok=True)
         save_pool(pool, run.folder / POOL)
@@ -974,51 +989,6 @@ def release_run(args: argparse.Namespace) -> None:
     run.log({"stage": "release", "out": str(out), "unet_steps": int(state.step), "gi_steps": gi_steps})
 
 
-def pack_run(args: argparse.Namespace) -> None:
-    """`pack`: the run's EMA (its newest checkpoint, or an exported --ema) minus its base, as a small carry file
-    (`jinbetween.toyworld.carry`); prints its size, the difference's relative error, the outliers and the step."""
-    from jinbetween import atomic
-    from jinbetween.toyworld import carry
-
-    if (args.run is None) == (args.ema is None) or (args.ema is not None and args.base is None):
-        raise SystemExit("pack needs either --run RUN (and optionally --base WEIGHTS), or --ema EMA.npz with --base "
-                         "WEIGHTS.")
-    try:
-        if args.run is not None:
-            ema, base, folder, step = carry.run_ema(args.run)
-            if args.base is not None:  # a carry against the shipped weights, whatever the run started from
-                folder, base = args.base, carry.base_params(args.base)
-        else:
-            (ema, step), folder = carry.read_ema(args.ema), args.base
-            base = carry.base_params(folder)
-        start = time.monotonic()
-        blob = carry.pack_params(ema, folder, step=step, step_fraction=args.step_fraction, base=base)
-    except ValueError as err:
-        raise SystemExit(str(err)) from err
-    seconds = time.monotonic() - start
-    with atomic.replacing(args.out) as temporary:
-        temporary.write_bytes(blob)
-    described = carry.describe(blob)
-    print(json.dumps({"out": str(args.out), "bytes": len(blob), "step": step, "step_fraction": args.step_fraction,
-                      "relative_error": carry.relative_error(ema, base, blob),
-                      "outlier_fraction": described["outliers"] / described["params"],
-                      "pack_seconds": round(seconds, 1)}))
-
-
-def unpack_run(args: argparse.Namespace) -> None:
-    """`unpack`: the float32 pipeline folder of a carry file's base + difference, to start a run from (`--init`)."""
-    from jinbetween.toyworld import carry
-
-    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
-        raise SystemExit(f"{args.out} exists and is not empty; unpack writes a new folder.")
-    try:
-        params, meta = carry.unpack_folder(args.carry.read_bytes(), args.base)
-    except ValueError as err:
-        raise SystemExit(str(err)) from err
-    carry.write_pipeline(params, args.base, args.out)
-    log.info(json.dumps({"stage": "unpack", "out": str(args.out), "step": meta.get("step")}))
-
-
 EVALUATION_SIGMAS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 15.0, 50.0)
 
 
@@ -1101,22 +1071,6 @@ def main(argv: list[str] | None = None, prog: str = "jinbetween toytrain") -> No
     release.add_argument("--deadline-minutes", type=float, help="stop GI's fine-tune after this many minutes")
     release.set_defaults(run_command=release_run)
 
-    pack = commands.add_parser("pack", help="the run's EMA minus its base as a small file to commit")
-    pack.add_argument("--run", type=Path, help="the run folder: its newest checkpoint against its init folder")
-    pack.add_argument("--ema", type=Path, help="or an EMA exported by bench/toy_export_ema.py, with --base")
-    pack.add_argument("--base", type=Path, help="the pipeline folder to difference against (default: the run's "
-                      "init folder; needed with --ema)")
-    pack.add_argument("--out", required=True, type=Path, help="the carry file to write")
-    pack.add_argument("--step-fraction", type=float, default=0.25,
-                      help="quantization step as a fraction of each tensor's rms difference")
-    pack.set_defaults(run_command=pack_run)
-
-    unpack = commands.add_parser("unpack", help="a float32 pipeline folder from a carry file and its base")
-    unpack.add_argument("--carry", required=True, type=Path, help="the file `pack` wrote")
-    unpack.add_argument("--base", required=True, type=Path, help="the pipeline folder it was packed against")
-    unpack.add_argument("--out", required=True, type=Path, help="the pipeline folder to write (new or empty)")
-    unpack.set_defaults(run_command=unpack_run)
-
     evaluate = commands.add_parser("evaluate", help="held-out x0 error of pipelines at fixed noise levels")
     evaluate.add_argument("weights", nargs="+", type=Path, help="pipeline folders (the first one's VAE encodes)")
     evaluate.add_argument("--videos", type=int, default=32, help="validation videos")
@@ -1134,7 +1088,7 @@ def main(argv: list[str] | None = None, prog: str = "jinbetween toytrain") -> No
     vae.set_defaults(run_command=vae_run)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logs.configure()
     if args.command in ("unet", "release"):
         from jinbetween import compile_cache
 
