@@ -10,6 +10,7 @@ logging.getLogger().addHandler(logging.StreamHandler(sys.stderr))  # what absl's
 logging.getLogger().setLevel(logging.WARNING)
 {configure}
 logging.getLogger("jinbetween.somewhere").info("the marker record")
+logging.getLogger("absl").info("orbax chatter")
 """
 
 

@@ -1,6 +1,8 @@
 """The notebooks in notebooks/: 01, 02 and 04 run end to end on CPU with the shipped toy-world model and small
 settings (`test_notebook_executes[...]`, a few minutes together); 03 (real SVD-XT on a Colab GPU) cannot run here, so
-its code is compiled and every jinbetween name, call keyword and CLI option it uses is checked to exist and be public.
+its code is compiled and every jinbetween name, call keyword and CLI option it uses is checked to exist and be public,
+and its cells up to the keyframes run in this process on tiny random weights, with its offline switch and without
+(its downloads recorded instead of made).
 
 The notebooks run in a kernel of this interpreter, in a temporary directory, with the small settings passed through
 the environment variables their `parameters` cell reads. The kernels inherit the test run's JAX compilation cache
@@ -21,6 +23,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 from nbclient import NotebookClient
 
@@ -249,3 +252,116 @@ def test_colab_notebook_code_compiles_and_uses_only_existing_public_jinbetween_n
             parser.parse_args(argv)
         except SystemExit:
             pytest.fail(f"`jinbetween {' '.join(argv)}` does not parse (see the usage message above)")
+
+
+# --------------------------------------------------------------------------------------------------
+# The Colab notebook's set-up cells (install, parameters, offline check, login, conversion, GI delta, load, keyframes),
+# run in this process: its GPU cell replaced by CPU settings, every download recorded instead of made.
+
+
+class _Downloads(list):
+    """What the cells asked to fetch: `!shell` lines (`get_ipython().system`), Hugging Face logins, URLs."""
+
+    def system(self, command: str) -> None:
+        self.append(command.split()[0] if command.split()[0] != "jinbetween" else " ".join(command.split()[:3]))
+
+
+@pytest.fixture(scope="module")
+def tiny_converted_weights(tmp_path_factory) -> dict[str, Path]:
+    """Converted dirs of tiny random models, with a random GI delta and without, as bench/notebook03_gpu.py writes
+    SVD-XT's: {"delta": dir, "no delta": dir}."""
+    from bench import notebook03_gpu
+
+    root = tmp_path_factory.mktemp("nb03")
+    dirs = {"delta": root / "with-delta", "no delta": root / "without-delta"}
+    for kind, out in dirs.items():
+        notebook03_gpu.write_random_weights(out, tiny=True, delta=kind == "delta")
+    return dirs
+
+
+def _run_colab_setup(monkeypatch, tmp_path, env: dict[str, str], until: str) -> tuple[dict, _Downloads]:
+    """Runs notebook 03's code cells in order up to the first whose source holds `until` (that cell included), with
+    `env` as its JINBETWEEN_NB_* settings; returns (the cells' namespace, what they asked to download)."""
+    import huggingface_hub
+    import urllib.request
+
+    from PIL import Image
+
+    downloads = _Downloads()
+
+    def urlretrieve(url, filename):
+        downloads.append(url)
+        Image.new("RGB", (96, 64), "gray").save(filename)
+        return str(filename), None
+
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    monkeypatch.setattr(huggingface_hub, "notebook_login", lambda: downloads.append("notebook_login"))
+    monkeypatch.setattr(urllib.request, "urlretrieve", urlretrieve)
+    for key in [k for k in os.environ if k.startswith("JINBETWEEN_NB_")]:
+        monkeypatch.delenv(key)
+    for key, value in {"JINBETWEEN_NB_OUT": str(tmp_path / "outputs"), "JINBETWEEN_NB_HEIGHT": "64",
+                       "JINBETWEEN_NB_WIDTH": "96", **env}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)  # the notebook's relative defaults (weights/svd-xt, checkpoints) land here
+    namespace = {"__name__": "__main__", "get_ipython": lambda: downloads}
+    for i, cell in enumerate(c for c in _notebook(COLAB_ONLY).cells if c.cell_type == "code"):
+        if "DECODE_CHUNK =" in cell.source:  # the GPU cell: nvidia-smi, XLA's memory variables
+            namespace.update(DTYPE="float32", ATTENTION="auto", DECODE_CHUNK=2)
+        else:
+            exec(compile(_python_source(cell.source), f"{COLAB_ONLY} code cell {i}", "exec"), namespace)
+        if until in cell.source:
+            return namespace, downloads
+    raise AssertionError(f"no code cell of {COLAB_ONLY} holds {until!r}")
+
+
+def test_colab_notebook_offline_refuses_unconverted_weights_in_one_line(monkeypatch, tmp_path):
+    missing = tmp_path / "no-weights"
+    with pytest.raises(FileNotFoundError) as raised:
+        _run_colab_setup(monkeypatch, tmp_path, {"JINBETWEEN_NB_OFFLINE": "1", "JINBETWEEN_NB_WEIGHTS": str(missing)},
+                         until="get_token")
+    message = str(raised.value)
+    assert "\n" not in message and str(missing) in message and "JINBETWEEN_NB_WEIGHTS" in message, \
+        f"the offline refusal should be one line naming the folder and the variable to set; got {message!r}"
+    # Control: online, the same missing folder passes that cell and goes on to log in and convert.
+    _, downloads = _run_colab_setup(monkeypatch, tmp_path, {"JINBETWEEN_NB_WEIGHTS": str(missing)}, until="get_token")
+    assert downloads == ["notebook_login"], f"online without weights the login cell should log in; got {downloads}"
+
+
+def test_colab_notebook_offline_refuses_to_pip_install_jinbetween(monkeypatch, tmp_path):
+    import importlib.util
+    import subprocess
+
+    installs = []
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "jinbetween" else
+                        real_find_spec(name, *a))
+    monkeypatch.setattr(subprocess, "run", lambda argv, **kw: installs.append(argv[1:4]) or
+                        subprocess.CompletedProcess(argv, 0, stdout=""))
+    with pytest.raises(RuntimeError, match=r"^JINBETWEEN_NB_OFFLINE=1 forbids installing jinbetween[^\n]*$"):
+        _run_colab_setup(monkeypatch, tmp_path, {"JINBETWEEN_NB_OFFLINE": "1"}, until="find_spec")
+    assert installs == [], f"offline, the install cell ran {installs}"
+    _run_colab_setup(monkeypatch, tmp_path, {}, until="find_spec")  # control: online it installs with pip
+    assert ["-m", "pip", "install"] in installs, f"online, the install cell should pip install; it ran {installs}"
+
+
+def test_colab_notebook_offline_loads_converted_weights_and_draws_keyframes_without_downloads(
+        monkeypatch, tmp_path, tiny_converted_weights):
+    offline = {"JINBETWEEN_NB_OFFLINE": "1", "JINBETWEEN_NB_WEIGHTS": str(tiny_converted_weights["delta"])}
+    namespace, downloads = _run_colab_setup(monkeypatch, tmp_path, offline, until="fit_image")
+    assert downloads == [], f"offline, the cells asked to download {downloads}"
+    assert namespace["pipe"].backward_delta is not None, "the random GI delta in gi_backward/ was not loaded"
+    start, end = namespace["start"], namespace["end"]
+    assert start.shape == end.shape == (64, 96, 3), f"keyframes {start.shape}, {end.shape}; wanted (64, 96, 3)"
+    assert np.abs(start.astype(int) - end.astype(int)).mean() > 1, "the drawn keyframes are (nearly) the same image"
+    no_delta = {**offline, "JINBETWEEN_NB_WEIGHTS": str(tiny_converted_weights["no delta"])}
+    _, downloads = _run_colab_setup(monkeypatch, tmp_path, no_delta, until="gi_unet_folders")
+    assert downloads == [], f"offline without a GI delta, the GI cell asked to download {downloads}"
+    # Controls: online the same cells fetch the example keyframes and GI's UNet, and without weights log in and convert.
+    online = {"JINBETWEEN_NB_WEIGHTS": str(tiny_converted_weights["delta"])}
+    _, downloads = _run_colab_setup(monkeypatch, tmp_path, online, until="fit_image")
+    assert len(downloads) == 2 and all(u.startswith("https://") for u in downloads), \
+        f"online the keyframes cell should fetch GI's example pair; it asked for {downloads}"
+    _, downloads = _run_colab_setup(monkeypatch, tmp_path, {"JINBETWEEN_NB_WEIGHTS": str(tmp_path / "none")},
+                                    until="gi_unet_folders")
+    assert downloads == ["notebook_login", "jinbetween convert --repo", "gdown"], \
+        f"online without weights: expected a login, the conversion and GI's download; got {downloads}"
