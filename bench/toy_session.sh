@@ -14,6 +14,11 @@ run=$1 train_minutes=$2 deadline_minutes=$3 carry=${4:-}
 shipped=jinbetween/toyworld/weights
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
 init=$shipped
+# XLA's per-fusion autotuning results of earlier sessions (JAX keeps them beside the compiled programs): with them the
+# step's compile skips most of its autotuning. The session's own results come back as RUN/autotune_cache.tgz.
+autotune=bench/results/toyworld/autotune_cache
+tuned=$run/xla_cache/xla_gpu_per_fusion_autotune_cache_dir
+if [ -d "$autotune" ]; then mkdir -p "$tuned" && cp -r "$autotune"/. "$tuned"/; fi
 if [ -n "$carry" ]; then
   init=$run.init
   JAX_PLATFORMS=cpu python3 -m jinbetween.toyworld.carry unpack --carry "$carry" --base $shipped --out "$init"
@@ -23,4 +28,5 @@ python3 -m jinbetween.toyworld.train unet --run "$run" --init "$init" --videos "
   --deadline-minutes "$deadline_minutes"
 JAX_PLATFORMS=cpu python3 -m jinbetween.toyworld.carry pack --run "$run" --base $shipped --out "$run/progress.carry" \
   --step-fraction 0.5
+tar -C "$run/xla_cache" -czf "$run/autotune_cache.tgz" xla_gpu_per_fusion_autotune_cache_dir || true
 echo "session done"
