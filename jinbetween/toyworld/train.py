@@ -294,15 +294,19 @@ def build_pool(vae: VAE, seeds: Sequence[int], key: jax.Array, cfg: UNetTrainCon
                on_log: Callable[[dict], None] = lambda r: None, log_every: int = 8) -> ClipPool:
     """Returns the ClipPool of the toy-world videos of `seeds`, rendered by `videos(seed)` in `workers` processes
     (all cores by default; 0: in this process) while the device encodes the chunks already rendered. Chunk i
-    (`chunk` videos) draws its augmentation from fold_in(key, i). Every `log_every` chunks, `on_log` gets the
-    videos encoded so far and the seconds since the start (dispatched, not waited for)."""
+    (`chunk` videos) draws its augmentation from fold_in(key, i). A last, partial chunk after full ones is padded
+    with copies of its last video (then cut), so that every chunk runs one compiled program. Every `log_every`
+    chunks, `on_log` gets the videos encoded so far and the seconds since the start (dispatched, not waited for)."""
     vae_state = ModelState.of(vae)
     parts, buffer = [], []
     start = time.monotonic()
 
     def encode(batch: list[np.ndarray]) -> ClipPool:
-        return encode_videos(vae_state, jnp.asarray(np.stack(batch)), jax.random.fold_in(key, len(parts)),
-                             draws=cfg.cond_draws, aug_log_mean=cfg.aug_log_mean, aug_log_std=cfg.aug_log_std)
+        size = len(batch)
+        padded = batch + batch[-1:] * (chunk - size) if parts else batch
+        encoded = encode_videos(vae_state, jnp.asarray(np.stack(padded)), jax.random.fold_in(key, len(parts)),
+                                draws=cfg.cond_draws, aug_log_mean=cfg.aug_log_mean, aug_log_std=cfg.aug_log_std)
+        return jax.tree.map(lambda a: a[:size], encoded)
 
     def consume(rendered) -> None:
         nonlocal buffer
