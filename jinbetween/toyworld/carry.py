@@ -246,15 +246,16 @@ def write_pipeline(params: dict[str, np.ndarray], base_folder: Path, out: Path) 
 
 
 def pack_run(args: argparse.Namespace) -> None:
-    """`pack`: the run's EMA (its newest checkpoint, or an exported --ema) minus its base, as a small carry file
-    ; prints its size, the difference's relative error, the outliers and the step."""
+    """`pack`: the run's EMA (its newest checkpoint, or an exported --ema) minus its base, as a small carry file;
+    prints its size, the difference's relative error, the outliers and the step."""
     if (args.run is None) == (args.ema is None) or (args.ema is not None and args.base is None):
         raise SystemExit("pack needs either --run RUN (and optionally --base WEIGHTS), or --ema EMA.npz with --base "
                          "WEIGHTS.")
     try:
         if args.run is not None:
             ema, base, folder, step = run_ema(args.run)
-            if args.base is not None:  # a carry against the shipped weights, whatever the run started from
+            if args.base is not None and args.base.resolve() != folder.resolve():  # against other weights than
+                # the run's start (the shipped ones, for a run started from an unpacked carry)
                 folder, base = args.base, base_params(args.base)
         else:
             (ema, step), folder = read_ema(args.ema), args.base
