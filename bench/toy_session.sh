@@ -7,18 +7,19 @@
 #
 # RUN: a new run folder; TRAIN_MINUTES: the cosine schedule's planned length; DEADLINE_MINUTES: when the process stops
 # training (set-up included), saved; CARRY: the last session's progress file, else the run starts from the shipped
-# weights. Ends with RUN/progress.carry, the EMA minus the shipped weights (jinbetween.toyworld.carry). VIDEOS and
-# BATCH_SIZES (environment) override the pool size and the measured batch sizes, e.g. for a CPU smoke run.
+# weights. Ends with RUN/progress.carry (the EMA minus the shipped weights, jinbetween.toyworld.carry) and
+# RUN/xla_cache.tgz (the compile cache). VIDEOS and BATCH_SIZES (environment) override the pool size and the
+# measured batch sizes, e.g. for a CPU smoke run.
 set -euo pipefail
 run=$1 train_minutes=$2 deadline_minutes=$3 carry=${4:-}
 shipped=jinbetween/toyworld/weights
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
 init=$shipped
-# XLA's per-fusion autotuning results of earlier sessions (JAX keeps them beside the compiled programs): with them the
-# step's compile skips most of its autotuning. The session's own results come back as RUN/autotune_cache.tgz.
-autotune=bench/results/toyworld/autotune_cache
-tuned=$run/xla_cache/xla_gpu_per_fusion_autotune_cache_dir
-if [ -d "$autotune" ]; then mkdir -p "$tuned" && cp -r "$autotune"/. "$tuned"/; fi
+# XLA's compiled programs and per-fusion autotuning results of earlier sessions, committed in the cache's own
+# layout: a program compiled on the same kind of card with the same jax loads instead of compiling, and otherwise
+# the autotuning results spare most of the compile. The session's own cache comes back as RUN/xla_cache.tgz.
+committed_cache=bench/results/toyworld/xla_cache
+if [ -d "$committed_cache" ]; then mkdir -p "$run/xla_cache" && cp -r "$committed_cache"/. "$run/xla_cache"/; fi
 if [ -n "$carry" ]; then
   init=$run.init
   JAX_PLATFORMS=cpu python3 -m jinbetween.toyworld.carry unpack --carry "$carry" --base $shipped --out "$init"
@@ -28,5 +29,5 @@ python3 -m jinbetween.toyworld.train unet --run "$run" --init "$init" --videos "
   --deadline-minutes "$deadline_minutes"
 JAX_PLATFORMS=cpu python3 -m jinbetween.toyworld.carry pack --run "$run" --base $shipped --out "$run/progress.carry" \
   --step-fraction 0.5
-tar -C "$run/xla_cache" -czf "$run/autotune_cache.tgz" xla_gpu_per_fusion_autotune_cache_dir || true
+tar -C "$run" -czf "$run/xla_cache.tgz" xla_cache && du -sh "$run/xla_cache" "$run/xla_cache.tgz" || true
 echo "session done"
