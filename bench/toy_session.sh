@@ -15,11 +15,13 @@ run=$1 train_minutes=$2 deadline_minutes=$3 carry=${4:-}
 shipped=jinbetween/toyworld/weights
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
 init=$shipped
-# XLA's compiled programs and per-fusion autotuning results of earlier sessions, committed in the cache's own
-# layout: a program compiled on the same kind of card with the same jax loads instead of compiling, and otherwise
-# the autotuning results spare most of the compile. The session's own cache comes back as RUN/xla_cache.tgz.
-committed_cache=bench/results/toyworld/xla_cache
-if [ -d "$committed_cache" ]; then mkdir -p "$run/xla_cache" && cp -r "$committed_cache"/. "$run/xla_cache"/; fi
+# XLA's compiled programs and per-fusion autotuning results of earlier sessions (committed as RUN/xla_cache
+# archives, one per kind of card): a program compiled on the same kind of card with the same jax loads instead of
+# compiling, and otherwise the autotuning results spare most of the compile. The session's own cache comes back as
+# RUN/xla_cache.tgz.
+for archive in bench/results/toyworld/xla_cache/*.tgz; do
+  if [ -f "$archive" ]; then mkdir -p "$run" && tar -C "$run" -xzf "$archive"; fi
+done
 if [ -n "$carry" ]; then
   init=$run.init
   JAX_PLATFORMS=cpu python3 -m jinbetween.toyworld.carry unpack --carry "$carry" --base $shipped --out "$init"

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -21,11 +22,26 @@ def save_tree(path: str | os.PathLike, tree: Any) -> None:
     checkpointer.close()
 
 
+def _placed_here(abstract_tree: Any) -> Any:
+    """Gives each leaf of `abstract_tree` that has no sharding (e.g. from `jax.eval_shape`) this process's first
+    device, so that a checkpoint written on another machine (a GPU run read on the CPU) restores instead of failing
+    orbax's check that the saved devices exist here."""
+    here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def place(leaf):
+        if getattr(leaf, "sharding", None) is not None or not hasattr(leaf, "shape"):
+            return leaf
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=here)
+
+    return jax.tree.map(place, abstract_tree)
+
+
 def restore_tree(path: str | os.PathLike, abstract_tree: Any) -> Any:
-    """Returns the tree at `path` with the structure, dtypes (cast on read) and shardings of `abstract_tree`."""
+    """Returns the tree at `path` with the structure, dtypes (cast on read) and shardings of `abstract_tree`; leaves
+    without a sharding go to this process's first device, wherever the checkpoint was written."""
     checkpointer = ocp.StandardCheckpointer()
     try:
-        return checkpointer.restore(Path(path).absolute(), abstract_tree)
+        return checkpointer.restore(Path(path).absolute(), _placed_here(abstract_tree))
     finally:
         checkpointer.close()
 
@@ -56,9 +72,10 @@ class TrainingCheckpoints:
         self._manager.wait_until_finished()
 
     def restore(self, step: int, abstract_tree: Any) -> tuple[Any, dict]:
-        """Returns (tree shaped like `abstract_tree`, record) of checkpoint `step`."""
+        """Returns (tree shaped like `abstract_tree`, record) of checkpoint `step`; leaves without a sharding go to
+        this process's first device, wherever the checkpoint was written."""
         restored = self._manager.restore(step, args=ocp.args.Composite(
-            tree=ocp.args.StandardRestore(abstract_tree), record=ocp.args.JsonRestore()))
+            tree=ocp.args.StandardRestore(_placed_here(abstract_tree)), record=ocp.args.JsonRestore()))
         return restored.tree, dict(restored.record)
 
     def close(self) -> None:
