@@ -20,8 +20,8 @@ import jax.numpy as jnp
 
 from jinbetween import compile_cache, logs
 from jinbetween.models.state import ModelState
-from jinbetween.weights import load_vae
 from jinbetween.toyworld import train, world
+from jinbetween.weights import load_vae
 
 SHIPPED = Path("jinbetween/toyworld/weights")
 
