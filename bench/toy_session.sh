@@ -16,9 +16,9 @@ shipped=jinbetween/toyworld/weights
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
 init=$shipped
 # XLA's compiled programs and per-fusion autotuning results of earlier sessions (archives of a run's xla_cache/,
-# committed in bench/results/toyworld/xla_cache/, one per kind of card and jax): a program compiled on the same kind of card with the same jax loads instead of
-# compiling, and otherwise the autotuning results spare most of the compile. The session's own cache comes back as
-# RUN/xla_cache.tgz.
+# committed in bench/results/toyworld/xla_cache/, one per kind of card and jax): a program compiled on the same kind
+# of card with the same jax loads instead of compiling, and otherwise the autotuning results spare most of the
+# compile. The session's own cache comes back as RUN/xla_cache.tgz.
 for archive in bench/results/toyworld/xla_cache/*.tgz; do
   if [ -f "$archive" ]; then mkdir -p "$run" && tar -C "$run" -xzf "$archive"; fi
 done
