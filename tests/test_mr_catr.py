@@ -88,11 +88,20 @@ def test_projection_is_per_video():
 
 @given(hnp.arrays(np.float32, SHAPE, elements=st.floats(-10, 10, allow_subnormal=False, width=32)))
 def test_motion_axis_is_the_normalized_endpoint_difference(x0):
-    """The mean of the frame residuals telescopes: (x0[F−1] − x0[0]) / (F − 1), in every frame, normalized."""
+    """The mean of the frame residuals telescopes: (x0[F−1] − x0[0]) / (F − 1), in every frame, normalized.
+
+    Tolerance: float32 computes each residual element within δ = F·2⁻²³·max|x0| (F − 1 differences and their mean),
+    and normalizing v moves v/‖v‖ by at most 2‖Δv‖/‖v‖, with ‖Δv‖ ≤ δ·√n over the video's n elements; so nearly
+    still videos (‖v‖ near δ, which hypothesis finds) get a looser bound, and moving ones ~1e-5.
+    """
     x0 = x0.astype(np.float64)
-    endpoint = np.broadcast_to(((x0[:, -1] - x0[:, 0]) / (x0.shape[1] - 1))[:, None], x0.shape)
+    frames, elements = x0.shape[1], x0[0].size
+    endpoint = np.broadcast_to(((x0[:, -1] - x0[:, 0]) / (frames - 1))[:, None], x0.shape)
     norms = np.sqrt((endpoint**2).sum(axis=(1, 2, 3, 4), keepdims=True) + 1e-8)
-    np.testing.assert_allclose(motion_axis(jnp.asarray(x0, jnp.float32)), endpoint / (norms + 1e-8), atol=1e-5)
+    delta = frames * 2.0**-23 * np.abs(x0).max(axis=(1, 2, 3, 4), keepdims=True)
+    bound = 1e-6 + 2 * delta * np.sqrt(elements) / norms
+    error = np.abs(np.asarray(motion_axis(jnp.asarray(x0, jnp.float32)), np.float64) - endpoint / (norms + 1e-8))
+    assert np.all(error <= bound), f"largest error over its bound: {np.max(error / bound):.3g}"
 
 
 def test_motion_axis_is_a_unit_vector_the_same_in_every_frame():
