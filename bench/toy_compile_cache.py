@@ -1,9 +1,9 @@
 """Compiles the toy world's stage-2 training step into a persistent compilation cache, and nothing else.
 
 A session's training run (`bench/toy_session.sh`) spends minutes of its set-up compiling the step, autotuning
-included. This fills a cache with the same program (traced as `toyworld.train.create_run` traces it: from the
-shipped weights, on the shapes of a pool of `--videos` videos), without rendering or encoding a pool, so that a
-device call too short for training still leaves the next sessions a compiled step (`xla_cache.tgz` comes back).
+included. This fills a cache with the same program (traced by `toyworld.train.start_new_run`, as a new run traces
+it: from the shipped weights, on the shapes of a pool of `--videos` videos), without rendering or encoding a pool,
+so that a device call too short for training still leaves the next sessions a compiled step.
 
     python3 bench/toy_compile_cache.py --cache /tmp/cc/xla_cache --videos 16000 --batch-size 256
 """
@@ -21,7 +21,6 @@ import jax.numpy as jnp
 from jinbetween import compile_cache, logs
 from jinbetween.models.state import ModelState
 from jinbetween.toyworld import train, world
-from jinbetween.weights import load_vae
 
 SHIPPED = Path("jinbetween/toyworld/weights")
 
@@ -37,11 +36,10 @@ def main() -> None:
     compile_cache.enable(args.cache)
     start = time.monotonic()
     base = train.UNetTrainConfig(batch_size=args.batch_size)
-    vae = load_vae(args.init, dtype=jnp.float32)
-    graphdef, state = train.init_train_state(train._load_trainables(args.init, 0), base)
     world.split_seeds("train", args.videos)  # the same check of --videos as a run's
-    compiled = train.compile_in_background(graphdef, state, train.pool_shapes(vae, args.videos, base), base,
-                                           [args.batch_size], on_log=lambda r: print(json.dumps(r))).result()
+    vae, _, _, compiling = train.start_new_run(args.init, args.init, 0, args.videos, base, [args.batch_size],
+                                               on_log=lambda r: print(json.dumps(r)))
+    compiled = compiling.result()
     failed = isinstance(compiled[args.batch_size], Exception)
     # The pool's encode program, for chunks of 256 videos as `train.build_pool` encodes them.
     scene = world.WorldConfig()

@@ -861,6 +861,22 @@ def environment() -> dict:
             "flax": flax.__version__, "python": platform.python_version()}
 
 
+def start_new_run(init: Path | None, vae_folder: Path, seed: int, videos: int, base: UNetTrainConfig,
+                  batch_sizes: Sequence[int], on_log: Callable[[dict], None] = lambda r: None
+                  ) -> tuple[VAE, nnx.GraphDef, TrainState, concurrent.futures.Future]:
+    """Returns (the VAE, graphdef, step-0 state, the future of the compiled steps) of a new run from `init` (None:
+    from scratch): the steps are traced on the shapes of a pool of `videos` videos and compile in the background
+    (`compile_in_background`). `on_log` gets the set-up's stages."""
+    start = time.monotonic()
+    vae = load_vae(vae_folder, dtype=jnp.float32)
+    graphdef, state = init_train_state(_load_trainables(init, seed), base)
+    on_log({"stage": "setup", "loaded": True, "seconds": round(time.monotonic() - start, 1)})
+    compiling = compile_in_background(graphdef, state, pool_shapes(vae, videos, base), base, batch_sizes,
+                                      on_log=on_log)
+    on_log({"stage": "setup", "traced": True, "seconds": round(time.monotonic() - start, 1)})
+    return vae, graphdef, state, compiling
+
+
 def create_run(run: Run, args: argparse.Namespace) -> tuple[UNetTrainConfig, TrainState, ClipPool, Callable]:
     """Creates the run folder: the pool rendered and encoded while the steps compile, the batch size chosen from
     measured throughput, the learning rate, steps and EMA decay derived from it; returns (config, step-0 state,
@@ -869,13 +885,8 @@ def create_run(run: Run, args: argparse.Namespace) -> tuple[UNetTrainConfig, Tra
     base = UNetTrainConfig(batch_size=args.batch_sizes[0], learning_rate=args.base_learning_rate,
                            warmup=args.warmup, cond_draws=args.cond_draws)
     seeds = world.split_seeds("train", args.videos)
-    vae = load_vae(args.vae or args.init, dtype=jnp.float32)
-    init = _load_trainables(args.init, args.seed)
-    graphdef, state = init_train_state(init, base)
-    run.log({"stage": "setup", "loaded": True, "seconds": round(time.monotonic() - start, 1)})
-    compiling = compile_in_background(graphdef, state, pool_shapes(vae, args.videos, base), base, args.batch_sizes,
-                                      on_log=run.log)
-    run.log({"stage": "setup", "traced": True, "seconds": round(time.monotonic() - start, 1)})
+    vae, graphdef, state, compiling = start_new_run(args.init, args.vae or args.init, args.seed, args.videos, base,
+                                                    args.batch_sizes, on_log=run.log)
     if (run.folder / POOL / "cond_aug.npy").exists():  # encoded by an earlier attempt at creating this run
         pool = load_pool(run.folder / POOL)
         if len(pool) != args.videos:
